@@ -1,0 +1,253 @@
+"""The Markov-k in-context-learning benchmark with its exact Bayes NLL (DESIGN.md §8).
+
+Every sequence has its own transition table: each of the V^k rows is drawn from Dirichlet(alpha);
+the first k tokens are uniform, then ``x_t ~ P(. | x_{t-k..t-1})``. Under this generative model
+the Bayes-optimal predictive is the Dirichlet-multinomial posterior mean,
+
+    P(x_t = a | x_<t) = (N_<t(c, a) + alpha) / (N_<t(c) + V alpha),   c = x_{t-k..t-1},
+
+which gives every model an absolute yardstick: its gap in percent to the Bayes NLL.
+
+Context indices put the oldest symbol first: ``c = sum_i x_{t-k+i} V^(k-1-i)``, so
+``tables[b, c]`` is the next-symbol distribution after that context.
+
+All ops run in the C++ core (``torch.ops.eqprop.markov_*``) on CPU, and with CUDA kernels on GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "BAYES_NLL_ANCHORS",
+    "default_seq_len",
+    "sample",
+    "bayes_nll",
+    "oracle_nll",
+    "log_evidence",
+    "gap_pct",
+    "context_coverage",
+]
+
+_ops = torch.ops.eqprop
+
+#: Monte-Carlo mean Bayes NLL per token (nats) at V=2, alpha=1, L=100*2^k, positions t >= k
+#: (DESIGN.md §8).
+BAYES_NLL_ANCHORS = {1: 0.4990, 2: 0.4874, 3: 0.4876, 4: 0.4920, 5: 0.4983, 6: 0.5048}
+
+
+def default_seq_len(k: int) -> int:
+    """The benchmark's default sequence length, ``100 * 2**k`` (train length = eval length)."""
+    return 100 * 2**k
+
+
+def _int_arg(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return value
+
+
+def sample(
+    batch: int,
+    k: int,
+    *,
+    seq_len: Optional[int] = None,
+    vocab_size: int = 2,
+    alpha: float = 1.0,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    device="cpu",
+    dtype: torch.dtype = torch.float32,
+    return_tables: bool = False,
+):
+    """Sample Markov-k sequences, each with its own Dirichlet(alpha) transition table.
+
+    Args:
+        batch: number of sequences B.
+        k: Markov order (>= 1).
+        seq_len: L, default ``100 * 2**k``.
+        vocab_size: V (>= 2).
+        alpha: Dirichlet concentration (> 0) of every table row.
+        seed: fixes the output (same seed -> same tokens on the same device). If None, a seed is
+            drawn from ``generator`` or, without one, from torch's global generator, so
+            ``torch.manual_seed`` makes runs repeatable.
+        generator: a ``torch.Generator`` to draw the seed from (not together with ``seed``).
+        device: where to sample ("cpu" or a CUDA device).
+        dtype: float dtype of the tables (tokens are drawn from the tables as returned).
+        return_tables: also return the tables.
+
+    Returns:
+        tokens ``[B, L]`` int64, and with ``return_tables`` also tables ``[B, V^k, V]``.
+
+    Example: ``x = eqprop.markov.sample(64, 3, seed=0)  # [64, 800]``
+    """
+    batch, k, vocab_size = _int_arg("batch", batch), _int_arg("k", k), _int_arg("vocab_size", vocab_size)
+    if seq_len is None:
+        if k < 1:
+            raise ValueError(f"k (Markov order) must be >= 1, got {k}")
+        seq_len = default_seq_len(k)
+    seq_len = _int_arg("seq_len", seq_len)
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed or generator, not both")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    seed = _int_arg("seed", seed)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    tokens, tables = _ops.markov_sample(
+        batch, k, seq_len, vocab_size, float(alpha), seed, torch.device(device), dtype
+    )
+    return (tokens, tables) if return_tables else tokens
+
+
+def bayes_nll(
+    tokens: torch.Tensor,
+    k: int,
+    *,
+    vocab_size: int = 2,
+    alpha: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Exact Bayes-optimal NLL of every token, ``-ln P_Bayes(x_t | x_<t)`` in nats.
+
+    Args:
+        tokens: ``[B, L]`` int64 in ``[0, vocab_size)``, contiguous, ``L > k``.
+        k, vocab_size, alpha: the generative model (order, V, Dirichlet concentration).
+        dtype: float32 or float64 output (the arithmetic is float64 either way).
+
+    Returns:
+        ``[B, L]``; entries ``t < k`` are ``ln V``.
+
+    Example: ``nll = bayes_nll(x, 3); nll[:, 3:].mean()  # ~0.488 at V=2, L=800``
+    """
+    return _ops.markov_bayes_nll(tokens, _int_arg("k", k), _int_arg("vocab_size", vocab_size), float(alpha), dtype)
+
+
+def oracle_nll(tokens: torch.Tensor, tables: torch.Tensor, k: int) -> torch.Tensor:
+    """NLL of every token under the true transition tables, ``-ln tables[b, c_t, x_t]``.
+
+    Args:
+        tokens: ``[B, L]`` int64; tables: ``[B, V^k, V]`` float (as from ``sample(...,
+        return_tables=True)``), on the tokens' device.
+
+    Returns:
+        ``[B, L]`` in the tables' dtype; entries ``t < k`` are ``ln V``.
+
+    Example: ``x, P = sample(8, 2, seed=0, return_tables=True); oracle_nll(x, P, 2)``
+    """
+    return _ops.markov_oracle_nll(tokens, tables, _int_arg("k", k))
+
+
+def log_evidence(tokens: torch.Tensor, k: int, *, vocab_size: int = 2, alpha: float = 1.0) -> torch.Tensor:
+    """Closed-form Dirichlet-multinomial evidence term of each sequence (DESIGN.md §8).
+
+    ``sum_c [lnG(N_c + V alpha) - lnG(V alpha) - sum_a (lnG(N_ca + alpha) - lnG(alpha))]``, which is
+    ``-ln p(x_k..x_{L-1} | x_<k)`` and equals ``bayes_nll(tokens, k)[:, k:].sum(1)``: an
+    independent check of the sequential kernel (lgamma of final counts vs per-step logs).
+
+    Returns:
+        ``[B]`` float64, nats.
+
+    Example: ``log_evidence(x, 3)``
+    """
+    return _ops.markov_log_evidence(tokens, _int_arg("k", k), _int_arg("vocab_size", vocab_size), float(alpha))
+
+
+def gap_pct(model_nll: torch.Tensor, bayes_nll: torch.Tensor, k: int) -> tuple[float, float]:
+    """Gap of a model to Bayes in percent, paired on the same sequences, with its standard error.
+
+    ``gap = 100 * (mean model NLL - mean Bayes NLL) / mean Bayes NLL`` over positions ``t >= k``
+    (``model_nll[:, t]`` is the model's NLL of ``x_t``). The estimate is a ratio of means; its
+    standard error is the delta-method one over sequences, ``100 * sd(D_b - R B_b) / (sqrt(n) B)``
+    with ``D_b``, ``B_b`` the per-sequence mean difference and Bayes NLL and ``R`` the ratio, so
+    the sequence-to-sequence variation that both NLLs share cancels (pairing).
+
+    Args:
+        model_nll, bayes_nll: ``[B, L]`` per-token NLL (nats) on the same tokens.
+        k: Markov order; positions ``t < k`` are left out.
+
+    Returns:
+        ``(gap_pct, standard_error_pct)``; the standard error is ``nan`` for one sequence.
+
+    Example: ``gap_pct(model_nll, bayes_nll(x, 3), 3)  # (1.8, 0.1)``
+    """
+    if not isinstance(model_nll, torch.Tensor) or not isinstance(bayes_nll, torch.Tensor):
+        raise TypeError("model_nll and bayes_nll must be tensors")
+    if model_nll.shape != bayes_nll.shape or model_nll.dim() != 2:
+        raise ValueError(
+            f"model_nll and bayes_nll must both be [B, L] of one shape, got {tuple(model_nll.shape)} "
+            f"and {tuple(bayes_nll.shape)}"
+        )
+    k = _int_arg("k", k)
+    if not 0 <= k < model_nll.shape[1]:
+        raise ValueError(f"k must be in [0, L={model_nll.shape[1]}), got {k}")
+    if model_nll.shape[0] < 1:
+        raise ValueError("need at least one sequence")
+    m = model_nll[:, k:].double().mean(1)  # [B]
+    b = bayes_nll[:, k:].to(m.device, torch.float64).mean(1)  # [B]
+    if not (torch.isfinite(m).all() and torch.isfinite(b).all()):
+        raise ValueError("model_nll and bayes_nll must be finite at positions t >= k")
+    d = m - b
+    ratio = d.mean() / b.mean()
+    n = m.numel()
+    se = (d - ratio * b).std(unbiased=True) / (math.sqrt(n) * b.mean()) if n > 1 else torch.tensor(math.nan)
+    return 100.0 * float(ratio), 100.0 * float(se)
+
+
+def context_coverage(tokens: torch.Tensor, k: int, *, vocab_size: int = 2):
+    """How often each context is visited: data sparsity per context, where models stall.
+
+    Args:
+        tokens: ``[B, L]`` int64.
+
+    Returns:
+        ``(counts, summary)``: counts ``[B, V^k]`` int64 of contexts preceding targets ``t >= k``;
+        summary a dict over all (sequence, context) cells: ``min``, ``p5`` (5th percentile),
+        ``median``, ``frac_unvisited`` and ``frac_lt10`` (fraction with fewer than 10 visits).
+
+    Example: ``counts, s = context_coverage(x, 6); s["frac_lt10"]``
+    """
+    counts = _ops.markov_context_counts(tokens, _int_arg("k", k), _int_arg("vocab_size", vocab_size))
+    flat = counts.reshape(-1).double()
+    if flat.numel() == 0:
+        nan = math.nan
+        return counts, {"min": nan, "p5": nan, "median": nan, "frac_unvisited": nan, "frac_lt10": nan}
+    summary = {
+        "min": float(flat.min()),
+        # nearest-rank 5th percentile (torch.quantile refuses inputs over 2^24 elements)
+        "p5": float(flat.kthvalue(max(1, math.ceil(0.05 * flat.numel())))[0]),
+        "median": float(flat.median()),
+        "frac_unvisited": float((flat == 0).double().mean()),
+        "frac_lt10": float((flat < 10).double().mean()),
+    }
+    return counts, summary
+
+
+# Shapes for torch.compile / opcheck (the ops allocate their outputs from these rules).
+@torch.library.register_fake("eqprop::markov_bayes_nll")
+def _(tokens, k, vocab_size, alpha, dtype):
+    return tokens.new_empty(tokens.shape, dtype=dtype)
+
+
+@torch.library.register_fake("eqprop::markov_oracle_nll")
+def _(tokens, tables, k):
+    return tables.new_empty(tokens.shape)
+
+
+@torch.library.register_fake("eqprop::markov_log_evidence")
+def _(tokens, k, vocab_size, alpha):
+    return tokens.new_empty(tokens.shape[:1], dtype=torch.float64)
+
+
+@torch.library.register_fake("eqprop::markov_context_counts")
+def _(tokens, k, vocab_size):
+    return tokens.new_empty((tokens.shape[0], vocab_size**k))
+
+
+@torch.library.register_fake("eqprop::markov_sample")
+def _(batch, k, seq_len, vocab_size, alpha, seed, device, table_dtype):
+    tokens = torch.empty((batch, seq_len), dtype=torch.long, device=device)
+    return tokens, torch.empty((batch, vocab_size**k, vocab_size), dtype=table_dtype, device=device)
