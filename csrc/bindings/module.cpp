@@ -1,6 +1,6 @@
 // The Python extension module eqprop._C. Tensor ops live in torch.ops.eqprop (bindings/ops.cpp);
-// this module carries build facts and, later, engine objects that are not plain tensor ops.
-#include <pybind11/pybind11.h>
+// engine objects that are not plain tensor ops register themselves through bindings/binder.h.
+#include "bindings/binder.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "eqprop C++/CUDA core";
@@ -9,4 +9,5 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  for (auto& bind : eqprop::binders()) bind(m);
 }
