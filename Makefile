@@ -1,0 +1,24 @@
+# The README's quickstart: `make demo` and `make test`. Each installs what it needs first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: setup setup-test demo test bench
+
+# Keep an installed torch; otherwise install the pinned 2.13.0 (never an unpinned torch, which would
+# pull several GB of CUDA wheels). eqprop builds against whatever torch is installed.
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
+	$(PIP) install "scikit-build-core>=0.10" numpy tqdm matplotlib
+	$(PIP) install --no-build-isolation .
+
+setup-test: setup
+	$(PIP) install pytest hypothesis scipy nbclient nbformat ipykernel
+
+demo: setup
+	$(PYTHON) -m eqprop markov bayes
+
+test: setup-test
+	$(PYTHON) -m pytest -q
+
+bench: setup
+	cd benchmarks && $(PYTHON) bench_markov.py

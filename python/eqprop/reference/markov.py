@@ -1,0 +1,71 @@
+"""Plain PyTorch Markov-k formulas (DESIGN.md §8): the oracle for the C++ kernels in eqprop.markov.
+
+Each function follows the formula in the most direct way: one time step at a time, vectorized only
+over the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def context_index(tokens: torch.Tensor, k: int, vocab_size: int) -> torch.Tensor:
+    """[B, L] -> [B, L-k]: context of target t = k + j, oldest symbol most significant."""
+    B, L = tokens.shape
+    ctx = torch.zeros(B, L - k, dtype=torch.long, device=tokens.device)
+    for i in range(k):
+        ctx = ctx * vocab_size + tokens[:, i : L - k + i]
+    return ctx
+
+
+def bayes_nll(tokens: torch.Tensor, k: int, vocab_size: int = 2, alpha: float = 1.0) -> torch.Tensor:
+    """[B, L] float64: -ln (N_<t(c, a) + alpha) / (N_<t(c) + V alpha), ln V for t < k."""
+    B, L = tokens.shape
+    V = vocab_size
+    nll = torch.full((B, L), math.log(V), dtype=torch.float64, device=tokens.device)
+    pair = torch.zeros(B, V**k, V, dtype=torch.float64, device=tokens.device)  # N(c, a)
+    ctx = context_index(tokens, k, V)
+    rows = torch.arange(B, device=tokens.device)
+    for t in range(k, L):
+        c, a = ctx[:, t - k], tokens[:, t]
+        n_ca = pair[rows, c, a]
+        n_c = pair[rows, c].sum(-1)
+        nll[:, t] = -torch.log((n_ca + alpha) / (n_c + V * alpha))
+        pair[rows, c, a] += 1
+    return nll
+
+
+def oracle_nll(tokens: torch.Tensor, tables: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, L]: -ln tables[b, c_t, x_t], ln V for t < k."""
+    B, L = tokens.shape
+    V = tables.shape[-1]
+    nll = torch.full((B, L), math.log(V), dtype=tables.dtype, device=tokens.device)
+    ctx = context_index(tokens, k, V)
+    rows = torch.arange(B, device=tokens.device)
+    for t in range(k, L):
+        nll[:, t] = -torch.log(tables[rows, ctx[:, t - k], tokens[:, t]])
+    return nll
+
+
+def log_evidence(tokens: torch.Tensor, k: int, vocab_size: int = 2, alpha: float = 1.0) -> torch.Tensor:
+    """[B] float64: sum_c [lnG(N_c + V alpha) - lnG(V alpha) - sum_a (lnG(N_ca + alpha) - lnG(alpha))]."""
+    V = vocab_size
+    pair = context_counts(tokens, k, V, per_symbol=True).double()  # [B, V^k, V]
+    a = torch.tensor(alpha, dtype=torch.float64)
+    per_ctx = torch.lgamma(pair.sum(-1) + V * a) - torch.lgamma(V * a)
+    per_ctx = per_ctx - (torch.lgamma(pair + a) - torch.lgamma(a)).sum(-1)
+    return per_ctx.sum(-1)
+
+
+def context_counts(tokens: torch.Tensor, k: int, vocab_size: int = 2, per_symbol: bool = False) -> torch.Tensor:
+    """[B, V^k] visits of each context before targets t >= k ([B, V^k, V] with ``per_symbol``)."""
+    B, L = tokens.shape
+    V = vocab_size
+    counts = torch.zeros(B, V**k, V, dtype=torch.long, device=tokens.device)
+    ctx = context_index(tokens, k, V)
+    rows = torch.arange(B, device=tokens.device)
+    for t in range(k, L):
+        counts[rows, ctx[:, t - k], tokens[:, t]] += 1
+    return counts if per_symbol else counts.sum(-1)
