@@ -42,17 +42,26 @@ __global__ void tokens_kernel(int64_t* tokens, const T* tables, int64_t batch, i
   }
 }
 
-// Sequential Dirichlet-multinomial predictive: counts[c·V + a] pair counts, counts[n_ctx·V + c]
-// context totals, both over targets in [k, t).
+// Sequential Dirichlet-multinomial predictive: pair[c·V + a] pair counts, total[c] context totals,
+// both over targets in [k, t). Each thread's counts live in shared memory when they fit
+// (kSharedCountBytes per thread; one warp per block), else in its slice of a global workspace.
+// The per-step chain (context -> counts -> increment) is then a shared-memory round trip instead of
+// an L2 one, which is what bounds this sequential kernel.
+constexpr int kSharedThreads = 32;
+constexpr int64_t kSharedCountBytes = 1536;
+
 template <typename T>
 __global__ void bayes_nll_kernel(T* nll, const int64_t* tokens, int32_t* counts, int64_t batch,
                                  int64_t L, int64_t k, int64_t n_ctx, int64_t V, double alpha) {
+  extern __shared__ int32_t shared_counts[];
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
+  const int64_t per_seq = n_ctx * (V + 1);
+  int32_t* pair = counts ? counts + b * per_seq : shared_counts + threadIdx.x * per_seq;
+  for (int64_t i = 0; i < per_seq; ++i) pair[i] = 0;
+  int32_t* total = pair + n_ctx * V;
   const int64_t* x = tokens + b * L;
   T* out = nll + b * L;
-  int32_t* pair = counts + b * n_ctx * (V + 1);
-  int32_t* total = pair + n_ctx * V;
   const double log_v = log(static_cast<double>(V)), v_alpha = static_cast<double>(V) * alpha;
   const int64_t top = n_ctx / V;
   int64_t c = 0;
@@ -68,6 +77,23 @@ __global__ void bayes_nll_kernel(T* nll, const int64_t* tokens, int32_t* counts,
     total[c] = n_c + 1;
     c = (c - x[t - k] * top) * V + a;
   }
+}
+
+template <typename T>
+cudaError_t launch_bayes_nll(T* nll, const int64_t* tokens, int32_t* counts, int64_t batch,
+                             int64_t seq_len, int64_t k, int64_t n_ctx, int64_t V, double alpha,
+                             cudaStream_t stream) {
+  const int64_t per_seq_bytes = n_ctx * (V + 1) * static_cast<int64_t>(sizeof(int32_t));
+  if (per_seq_bytes <= kSharedCountBytes) {
+    const unsigned blocks = static_cast<unsigned>((batch + kSharedThreads - 1) / kSharedThreads);
+    bayes_nll_kernel<T><<<blocks, kSharedThreads, kSharedThreads * per_seq_bytes, stream>>>(
+        nll, tokens, nullptr, batch, seq_len, k, n_ctx, V, alpha);
+  } else {
+    const unsigned blocks = static_cast<unsigned>((batch + kThreads - 1) / kThreads);
+    bayes_nll_kernel<T><<<blocks, kThreads, 0, stream>>>(nll, tokens, counts, batch, seq_len, k,
+                                                          n_ctx, V, alpha);
+  }
+  return cudaGetLastError();
 }
 
 inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
@@ -97,20 +123,21 @@ cudaError_t markov_sample_tokens_f64(int64_t* tokens, const double* tables, int6
   return cudaGetLastError();
 }
 
+int64_t markov_bayes_nll_workspace(int64_t n_ctx, int64_t V) {
+  const int64_t per_seq = n_ctx * (V + 1);
+  return per_seq * static_cast<int64_t>(sizeof(int32_t)) <= kSharedCountBytes ? 0 : per_seq;
+}
+
 cudaError_t markov_bayes_nll_f32(float* nll, const int64_t* tokens, int32_t* counts, int64_t batch,
                                  int64_t seq_len, int64_t k, int64_t n_ctx, int64_t V, double alpha,
                                  cudaStream_t stream) {
-  bayes_nll_kernel<float><<<blocks_for(batch), kThreads, 0, stream>>>(nll, tokens, counts, batch,
-                                                                       seq_len, k, n_ctx, V, alpha);
-  return cudaGetLastError();
+  return launch_bayes_nll<float>(nll, tokens, counts, batch, seq_len, k, n_ctx, V, alpha, stream);
 }
 
 cudaError_t markov_bayes_nll_f64(double* nll, const int64_t* tokens, int32_t* counts, int64_t batch,
                                  int64_t seq_len, int64_t k, int64_t n_ctx, int64_t V, double alpha,
                                  cudaStream_t stream) {
-  bayes_nll_kernel<double><<<blocks_for(batch), kThreads, 0, stream>>>(nll, tokens, counts, batch,
-                                                                        seq_len, k, n_ctx, V, alpha);
-  return cudaGetLastError();
+  return launch_bayes_nll<double>(nll, tokens, counts, batch, seq_len, k, n_ctx, V, alpha, stream);
 }
 
 }  // namespace eqprop::cuda

@@ -18,7 +18,12 @@ cudaError_t markov_sample_tokens_f64(int64_t* tokens, const double* tables, int6
                                      int64_t seq_len, int64_t k, int64_t n_ctx, int64_t V,
                                      uint64_t seed, cudaStream_t stream);
 
-// nll [B, L] = −ln P_Bayes(x_t | x_<t); counts: zeroed workspace of batch·n_ctx·(V+1) int32.
+// int32 count entries per sequence the Bayes kernel needs in global memory: 0 when a sequence's
+// counts fit in shared memory (then `counts` may be null), else n_ctx·(V+1).
+int64_t markov_bayes_nll_workspace(int64_t n_ctx, int64_t V);
+
+// nll [B, L] = −ln P_Bayes(x_t | x_<t); counts: workspace of batch·markov_bayes_nll_workspace(...)
+// int32 entries (the kernel zeroes what it uses).
 cudaError_t markov_bayes_nll_f32(float* nll, const int64_t* tokens, int32_t* counts, int64_t batch,
                                  int64_t seq_len, int64_t k, int64_t n_ctx, int64_t V, double alpha,
                                  cudaStream_t stream);

@@ -12,7 +12,7 @@
 #include "markov/sampling.h"
 
 #ifdef EQPROP_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/markov.cuh"
@@ -191,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor> sample(int64_t batch, int64_t k, int64_t seq_
     c10::cuda::CUDAGuard guard(device);
     EQPROP_CUDA_CHECK(eqprop::cuda::markov_sample_tables(tables64.data_ptr<double>(), batch, n_ctx,
                                                          vocab_size, alpha, useed,
-                                                         at::cuda::getCurrentCUDAStream()));
+                                                         c10::cuda::getCurrentCUDAStream()));
 #else
     TORCH_CHECK(false, "eqprop was built without CUDA kernels; rebuild against a CUDA torch");
 #endif
@@ -205,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> sample(int64_t batch, int64_t k, int64_t seq_
     } else {
 #ifdef EQPROP_WITH_CUDA
       c10::cuda::CUDAGuard guard(device);
-      auto stream = at::cuda::getCurrentCUDAStream();
+      auto stream = c10::cuda::getCurrentCUDAStream();
       if constexpr (std::is_same_v<scalar_t, float>) {
         EQPROP_CUDA_CHECK(eqprop::cuda::markov_sample_tokens_f32(
             tokens.data_ptr<int64_t>(), tables.data_ptr<float>(), batch, seq_len, k, n_ctx,
@@ -240,23 +240,22 @@ at::Tensor bayes_nll(const at::Tensor& tokens, int64_t k, int64_t vocab_size, do
   }
 #ifdef EQPROP_WITH_CUDA
   c10::cuda::CUDAGuard guard(tokens.device());
-  auto stream = at::cuda::getCurrentCUDAStream();
-  // Sequences run in chunks so that the per-sequence count workspace stays bounded.
-  const int64_t per_seq = n_ctx * (vocab_size + 1);
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(B, kMaxCountEntries / per_seq));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  // Sequences run in chunks so that a global count workspace (when counts do not fit in shared
+  // memory) stays bounded.
+  const int64_t per_seq = eqprop::cuda::markov_bayes_nll_workspace(n_ctx, vocab_size);
+  const int64_t chunk = per_seq == 0 ? B : std::max<int64_t>(1, std::min<int64_t>(B, kMaxCountEntries / per_seq));
   at::Tensor counts = at::empty({chunk * per_seq}, tokens.options().dtype(at::kInt));
+  int32_t* workspace = per_seq == 0 ? nullptr : counts.data_ptr<int32_t>();
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t nb = std::min(chunk, B - b0);
-    counts.zero_();
     const int64_t* x = tokens.data_ptr<int64_t>() + b0 * L;
     if (dtype == at::kFloat) {
-      EQPROP_CUDA_CHECK(eqprop::cuda::markov_bayes_nll_f32(nll.data_ptr<float>() + b0 * L, x,
-                                                           counts.data_ptr<int32_t>(), nb, L, k,
-                                                           n_ctx, vocab_size, alpha, stream));
+      EQPROP_CUDA_CHECK(eqprop::cuda::markov_bayes_nll_f32(nll.data_ptr<float>() + b0 * L, x, workspace,
+                                                           nb, L, k, n_ctx, vocab_size, alpha, stream));
     } else {
-      EQPROP_CUDA_CHECK(eqprop::cuda::markov_bayes_nll_f64(nll.data_ptr<double>() + b0 * L, x,
-                                                           counts.data_ptr<int32_t>(), nb, L, k,
-                                                           n_ctx, vocab_size, alpha, stream));
+      EQPROP_CUDA_CHECK(eqprop::cuda::markov_bayes_nll_f64(nll.data_ptr<double>() + b0 * L, x, workspace,
+                                                           nb, L, k, n_ctx, vocab_size, alpha, stream));
     }
   }
   return nll;
