@@ -138,3 +138,26 @@ def test_fuzz_oracle_fails_cleanly_or_agrees(spec, k, shape_b):
     except CLEAN:
         return
     torch.testing.assert_close(got, ref.oracle_nll(x, tables, k), rtol=0, atol=1e-12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    shape_m=st.lists(st.integers(0, 4), min_size=0, max_size=3),
+    shape_b=st.lists(st.integers(0, 4), min_size=0, max_size=3),
+    k=st.integers(-1, 4),
+    poison=st.sampled_from([None, math.nan, math.inf]),
+)
+def test_fuzz_gap_pct_fails_cleanly_or_is_finite(shape_m, shape_b, k, poison):
+    g = torch.Generator().manual_seed(len(shape_m) * 7 + k)
+    model = torch.rand(tuple(shape_m), generator=g, dtype=torch.float64) + 0.5
+    bayes = torch.rand(tuple(shape_b), generator=g, dtype=torch.float64) + 0.5
+    if poison is not None and model.numel():
+        model.view(-1)[-1] = poison
+    try:
+        gap, se = markov.gap_pct(model, bayes, k)
+    except CLEAN:
+        return
+    assert math.isfinite(gap) and (math.isfinite(se) or model.shape[0] == 1)
+    # matches the definition on the kept positions
+    m, b = model[:, k:].mean(), bayes[:, k:].mean()
+    assert gap == pytest.approx(100 * float((m - b) / b), rel=1e-9, abs=1e-9)

@@ -190,6 +190,8 @@ def gap_pct(model_nll: torch.Tensor, bayes_nll: torch.Tensor, k: int) -> tuple[f
     b = bayes_nll[:, k:].to(m.device, torch.float64).mean(1)  # [B]
     if not (torch.isfinite(m).all() and torch.isfinite(b).all()):
         raise ValueError("model_nll and bayes_nll must be finite at positions t >= k")
+    if not b.mean() > 0:
+        raise ValueError(f"bayes_nll must have a positive mean over positions t >= k, got {float(b.mean())}")
     d = m - b
     ratio = d.mean() / b.mean()
     n = m.numel()
