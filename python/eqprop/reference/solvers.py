@@ -20,8 +20,8 @@ def picard(f, x, z0=None, *, max_steps=100, eps=1.0, tol=1e-4, stop="rel"):
     """Damped Picard z <- z + eps (F(z) - z) (DESIGN.md §4), lowest-residual iterate per sample.
 
     Returns ``(z, info)`` with ``info = {"steps", "abs", "rel", "trace_abs", "trace_rel", "n_evals"}``.
-    Samples keep iterating until every sample has met ``tol`` (no freezing): a baseline, not a twin
-    of the per-sample bookkeeping. Example: ``z, info = picard(f, x, tol=1e-6)``.
+    A sample that has met ``tol`` stays at that iterate while the rest of the batch goes on (as in
+    the engine). Example: ``z, info = picard(f, x, tol=1e-6)``.
     """
     z = torch.zeros_like(x) if z0 is None else z0.clone()
     B = z.shape[0]
@@ -45,9 +45,10 @@ def picard(f, x, z0=None, *, max_steps=100, eps=1.0, tol=1e-4, stop="rel"):
         best_abs = torch.where(imp, a.to(best_abs.dtype), best_abs)
         best_rel = torch.where(imp, r.to(best_rel.dtype), best_rel)
         steps = torch.where((m <= tol) & (steps == max_steps), t + 1, steps)
-        if bool((best_m <= tol).all()):
+        done = best_m <= tol
+        if bool(done.all()):
             break
-        z = z + eps * (fz - z)
+        z = torch.where(done.reshape(-1, *([1] * (z.dim() - 1))), z, z + eps * (fz - z))
     info = {"steps": steps, "abs": best_abs, "rel": best_rel, "trace_abs": torch.stack(tr_a),
             "trace_rel": torch.stack(tr_r), "n_evals": t + 1}
     return best, info
