@@ -1,0 +1,107 @@
+"""Gradient estimators (DESIGN.md §5): Implicit against finite differences, BPTT(h) → Implicit."""
+
+import pytest
+import torch
+
+import eqprop
+from eqprop.estimators import BPTT, Estimate, Implicit
+from eqprop.reference import solvers as ref
+from equilibrium_fields import TanhLayer
+
+OPTS = dict(tol=1e-14, stop="abs", max_steps=2000)
+
+
+class Head(torch.nn.Module):
+    """A readout ℓ(z) = mean((z Vᵀ − y)²): its parameters get their gradient directly."""
+
+    def __init__(self, n, m=3):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.V = torch.nn.Parameter(torch.randn(m, n, generator=g, dtype=torch.float64) / n**0.5)
+        self.y = torch.randn(m, generator=g, dtype=torch.float64)
+
+    def forward(self, z):
+        return ((z @ self.V.T - self.y) ** 2).mean()
+
+
+def _setup(n=6, B=3, scale=0.85):
+    f = TanhLayer(n, scale=scale, seed=1)
+    x = torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    return f, x, Head(n)
+
+
+def test_implicit_equals_finite_differences_per_coordinate():
+    f, x, head = _setup()
+    est = Implicit(backward_tol=1e-14, backward_max_steps=2000, **OPTS).grad(f, x, head)
+    assert isinstance(est, Estimate) and set(est.grads) == {"W", "U", "b", "readout.V"}
+    assert est.stats["forward"].converged.all() and (est.stats["backward"]["status"] == 0).all()
+
+    def loss():
+        z, _ = eqprop.relax(f, x, **OPTS)
+        return head(z)
+
+    torch.testing.assert_close(est.loss, loss())
+    h = 1e-6
+    g = torch.Generator().manual_seed(9)
+    for name, p in list(f.named_parameters()) + [("readout.V", head.V)]:
+        for _ in range(3):
+            idx = tuple(int(torch.randint(0, s, (1,), generator=g)) for s in p.shape)
+            with torch.no_grad():
+                p[idx] += h
+                up = loss()
+                p[idx] -= 2 * h
+                down = loss()
+                p[idx] += h
+            fd = (up - down) / (2 * h)
+            analytic = est.grads[name][idx]
+            assert abs(float(analytic - fd)) <= 1e-6 * max(abs(float(fd)), 1e-3), (name, idx, analytic, fd)
+
+
+def test_implicit_matches_reference_adjoint_and_fixed_point_autograd():
+    f, x, head = _setup()
+    est = Implicit(backward_tol=1e-14, **OPTS).grad(f, x, head)
+    zr = est.z.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(head(zr), zr)
+    expected = ref.implicit_grads(f, list(f.parameters()), x, est.z, g, tol=1e-15, max_steps=2000)
+    for (name, _), e in zip(f.named_parameters(), expected):
+        torch.testing.assert_close(est.grads[name], e, rtol=1e-10, atol=1e-12)
+    z = eqprop.fixed_point(f, x, backward_tol=1e-14, **OPTS)
+    grads = torch.autograd.grad(head(z), list(f.parameters()) + [head.V])
+    for (name, _), a in zip(list(f.named_parameters()) + [("readout.V", None)], grads):
+        torch.testing.assert_close(est.grads[name], a, rtol=1e-10, atol=1e-12)
+
+
+def test_bptt_converges_to_implicit_as_horizon_grows():
+    f, x, head = _setup(scale=0.9)
+    imp = Implicit(backward_tol=1e-14, **OPTS).grad(f, x, head)
+    flat = lambda e: torch.cat([e.grads[n].flatten() for n in ("W", "U", "b")])
+    ref_flat = flat(imp)
+    errs = [float((flat(BPTT(h, **OPTS).grad(f, x, head)) - ref_flat).norm() / ref_flat.norm())
+            for h in (1, 3, 10, 30, 100)]
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 1e-9 and errs[0] > 1e-2
+    # The readout gradient does not depend on the horizon (it is taken at z*).
+    torch.testing.assert_close(BPTT(2, **OPTS).grad(f, x, head).grads["readout.V"], imp.grads["readout.V"],
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_apply_to_accumulates_into_grad():
+    f, x, head = _setup()
+    est = Implicit(**OPTS).grad(f, x, head)
+    est.apply_to(f, readout=head)
+    torch.testing.assert_close(f.W.grad, est.grads["W"])
+    torch.testing.assert_close(head.V.grad, est.grads["readout.V"])
+    est.apply_to(f)
+    torch.testing.assert_close(f.W.grad, 2 * est.grads["W"])
+
+
+def test_estimators_reject_bad_configuration():
+    with pytest.raises(TypeError, match=r"Implicit: unknown relaxation option\(s\) \['tolerance'\]; valid options are \['max_steps'"):
+        Implicit(tolerance=1e-3)
+    with pytest.raises(ValueError, match="horizon must be an int >= 1, got 0"):
+        BPTT(0)
+    with pytest.raises(ValueError, match="backward_max_steps must be an int >= 1, got 0"):
+        Implicit(backward_max_steps=0)
+    f, x, _ = _setup()
+    with pytest.raises(ValueError, match=r"loss_fn\(z\) must return a scalar tensor"):
+        Implicit().grad(f, x, lambda z: z)
