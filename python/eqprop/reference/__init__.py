@@ -1,0 +1,6 @@
+"""Plain PyTorch twins of the C++ core: the test oracle and benchmark baseline (DESIGN.md §2).
+
+Only tests and benchmarks import this package; the library itself never does.
+"""
+
+from . import block  # noqa: F401
