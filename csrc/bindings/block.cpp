@@ -5,6 +5,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "bindings/binder.h"
+#include "bindings/vector_field_binding.h"
 #include "block/block.h"
 
 namespace py = pybind11;
@@ -25,6 +26,20 @@ eqprop::block::Weights weights_for(const BlockConfig& cfg, const std::vector<at:
 }  // namespace
 
 static eqprop::Binder bind_block([](py::module_& m) {
+  eqprop::bind_vector_field(m);  // the bases first: binder order across files is unspecified
+  using eqprop::block::BlockField;
+  py::class_<BlockField, eqprop::AutogradField, std::shared_ptr<BlockField>>(
+      m, "BlockField",
+      "The equilibrium block F(·; x) as a native VectorField (x bound); make it with block_field.")
+      .def_property_readonly("x", &BlockField::x)
+      .def_property_readonly("config", &BlockField::config);
+  m.def(
+      "block_field",
+      [](const BlockConfig& cfg, std::vector<at::Tensor> params, std::vector<at::Tensor> sn_u, at::Tensor x) {
+        return std::make_shared<BlockField>(cfg, std::move(params), std::move(sn_u), std::move(x));
+      },
+      py::arg("config"), py::arg("params"), py::arg("sn_u"), py::arg("x"),
+      "The block with injection x [B, T, C] bound, as a VectorField for the engine (no Python in its loop).");
   py::class_<BlockConfig>(m, "BlockConfig",
                           "Options of the equilibrium transformer block (DESIGN.md §4), validated on "
                           "construction.")

@@ -21,6 +21,8 @@
 #include <string>
 #include <vector>
 
+#include "solvers/autograd_field.h"
+
 namespace eqprop::block {
 
 enum class Coupling { kCoupled, kSequential };
@@ -119,5 +121,37 @@ void check_inputs(const BlockConfig& cfg, const std::vector<at::Tensor>& params,
 // The public entry: checks, effective weights, F(z; x).
 at::Tensor forward(const BlockConfig& cfg, const std::vector<at::Tensor>& params,
                    const std::vector<at::Tensor>& sn_u, const at::Tensor& z, const at::Tensor& x);
+
+}  // namespace eqprop::block
+
+// ---- the block as a native vector field ---------------------------------------------------------
+
+namespace eqprop::block {
+
+// F(·; x) of the block with x bound, for the engine (solvers, estimators, diagnostics): products
+// come from autograd through eval() (AutogradField: double-VJP JVPs, plain-transpose rule for
+// complex). parameters() are the raw parameters, so param_vjp includes the spectral / monotone
+// reparameterizations. With autograd off (the relaxation loop), eval uses effective weights
+// cached off the graph and recomputed when a parameter's or sn_u's version counter moves.
+class BlockField : public eqprop::AutogradField {
+ public:
+  // Checks config, parameters and x ([B, T, C], finite) once, here.
+  BlockField(BlockConfig cfg, std::vector<at::Tensor> params, std::vector<at::Tensor> sn_u, at::Tensor x);
+  at::Tensor eval(const at::Tensor& z) override;
+  std::vector<at::Tensor> parameters() override { return params_; }
+  std::vector<std::string> parameter_names() override;
+  const at::Tensor& x() const { return x_; }
+  const BlockConfig& config() const { return cfg_; }
+
+ private:
+  const Weights& cached_weights();
+  std::vector<int64_t> versions() const;
+
+  BlockConfig cfg_;
+  std::vector<at::Tensor> params_, sn_u_;
+  at::Tensor x_;
+  Weights cache_;
+  std::vector<int64_t> cache_versions_;
+};
 
 }  // namespace eqprop::block

@@ -54,5 +54,7 @@ def build_info() -> dict:
 
 
 from . import markov  # noqa: E402
+from .block import EquilibriumBlock, EquilibriumLM  # noqa: E402
 
 __all__ = ["build_info", "markov", "__version__"]
+__all__ += ["EquilibriumBlock", "EquilibriumLM"]

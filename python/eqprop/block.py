@@ -168,6 +168,19 @@ class EquilibriumBlock(nn.Module):
             self.update_spectral_norm(1)
         return _C.block_forward(self.config, self.param_list(), self.sn_u_list(), z, x)
 
+    def vector_field(self, x: Tensor):
+        """F(·; x) as a native C++ vector field (``eqprop._C.BlockField``) for the engine's solvers,
+        estimators and diagnostics: eval / vjp / jvp / param_vjp run with no Python in the loop.
+
+        x: [B, T, C] (real with the parameters' dtype, or complex), finite; it is checked once here.
+        In training mode one power-iteration step refreshes the spectral vectors first.
+
+        Example: ``f = blk.vector_field(x); r = f.eval(z) - z``
+        """
+        if self.training and self.config.spectral_rho is not None:
+            self.update_spectral_norm(1)
+        return _C.block_field(self.config, self.param_list(), self.sn_u_list(), x)
+
     def _reference_options(self) -> dict:
         """Keyword arguments of ``eqprop.reference.block.block`` that describe this block."""
         c = self.config
@@ -177,3 +190,115 @@ class EquilibriumBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return repr(self.config)
+
+
+def _sinusoidal(max_len: int, d_model: int) -> Tensor:
+    """The Transformer's fixed table: PE[t, 2i] = sin(t/10000^(2i/C)), PE[t, 2i+1] = cos(·). [L, C]."""
+    pos = torch.arange(max_len, dtype=torch.float64)[:, None]
+    inv = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    pe = torch.zeros(max_len, d_model, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(pos * inv)
+    pe[:, 1::2] = torch.cos(pos * inv)[:, : d_model // 2]
+    return pe
+
+
+class EquilibriumLM(nn.Module):
+    """A causal language model whose body is one equilibrium block iterated to its fixed point.
+
+        x = E[tokens] + P[positions]         injection, computed once    [B, L, C]
+        z* = F(z*; x)                        eqprop.fixed_point(block, x, **fixed_point)
+        logits = head(LayerNorm(z*))                                     [B, L, V]
+
+    Args:
+        vocab_size: V; d_model, n_heads: the block's width and heads.
+        max_len: longest sequence (size of the learned / sinusoidal position table).
+        pos: ``"learned"`` (a [max_len, C] embedding added to x), ``"sinusoidal"`` (the fixed
+            Transformer table added to x) or ``"rope"``: nothing is added to x; q and k are rotated
+            by their positions inside the block's attention at every iteration (``rope=True``), so
+            positions enter through the attention scores only, as in a rope transformer layer.
+        fixed_point: options for ``eqprop.fixed_point`` (solver, tolerances, ``backward``);
+            default ``dict(max_steps=30, tol=1e-4)``.
+        **block_kwargs: ``EquilibriumBlock`` options (mlp_ratio, coupling, qk_norm, bias, resinit,
+            ffn, spectral_rho, ...). ``attention="energy"`` is refused: its update is not causal
+            (see ``EquilibriumBlock``), so next-token training would read the future.
+
+    ``lm(tokens)`` -> logits [B, L, V]; ``lm.loss(tokens)`` -> mean next-token cross-entropy (nats)
+    over positions 1..L−1; ``lm.token_nll(tokens)`` -> [B, L], the NLL of each x_t given x_<t
+    (column 0, which nothing predicts, is ln V), the layout ``eqprop.markov.gap_pct`` takes.
+
+    Example: ``lm = EquilibriumLM(2, 32, 2, max_len=200); lm.loss(eqprop.markov.sample(16, 1)).backward()``
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, n_heads: int, *, max_len: int, pos: str = "learned",
+                 fixed_point: Optional[dict] = None, **block_kwargs):
+        super().__init__()
+        self.vocab_size = _int_arg("vocab_size", vocab_size, 2)
+        self.max_len = _int_arg("max_len", max_len)
+        d_model = _int_arg("d_model", d_model)
+        if pos not in ("learned", "sinusoidal", "rope"):
+            raise ValueError(f'pos must be one of "learned", "sinusoidal", "rope"; got {pos!r}')
+        if "rope" in block_kwargs:
+            raise TypeError("EquilibriumLM sets the block's rope option from pos; pass pos=\"rope\" instead")
+        if block_kwargs.get("attention", "softmax") == "energy":
+            raise ValueError(
+                'attention="energy" is not causal (its symmetric Jacobian sends information from later '
+                'tokens back to earlier ones), so an LM trained on it reads the future; use "softmax"')
+        self.pos = pos
+        dtype = block_kwargs.get("dtype")
+        device = block_kwargs.get("device")
+        self.tok_emb = nn.Embedding(self.vocab_size, d_model, device=device, dtype=dtype)
+        if pos == "learned":
+            self.pos_emb = nn.Embedding(self.max_len, d_model, device=device, dtype=dtype)
+        elif pos == "sinusoidal":
+            pe = _sinusoidal(self.max_len, d_model).to(device=device, dtype=dtype or torch.get_default_dtype())
+            self.register_buffer("pos_table", pe, persistent=False)
+        self.block = EquilibriumBlock(d_model, n_heads, rope=(pos == "rope"), **block_kwargs)
+        self.ln_f = nn.LayerNorm(d_model, device=device, dtype=dtype)
+        self.head = nn.Linear(d_model, self.vocab_size, bias=False, device=device, dtype=dtype)
+        self.fixed_point = dict(max_steps=30, tol=1e-4) if fixed_point is None else dict(fixed_point)
+        self.last_info = None
+
+    def inject(self, tokens: Tensor) -> Tensor:
+        """The injection x = E[tokens] (+ positions): tokens [B, L] int64 -> [B, L, C]."""
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
+            got = f"{tokens.dtype} of shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be an int64 tensor [B, L], got {got}")
+        L = tokens.shape[1]
+        if not 1 <= L <= self.max_len:
+            raise ValueError(f"tokens must have 1 <= L <= max_len={self.max_len} positions, got L={L}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ValueError(f"tokens must lie in [0, vocab_size={self.vocab_size}), got values in "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        x = self.tok_emb(tokens)
+        if self.pos == "learned":
+            x = x + self.pos_emb.weight[:L]
+        elif self.pos == "sinusoidal":
+            x = x + self.pos_table[:L]
+        return x
+
+    def equilibrium(self, x: Tensor) -> Tensor:
+        """z* = F(z*; x) on the autograd graph (``eqprop.fixed_point``); x [B, L, C] -> [B, L, C]."""
+        from . import fixed_point as _fixed_point  # the engine's solver (eqprop.fixed_point)
+
+        out = _fixed_point(self.block, x, **self.fixed_point)
+        if isinstance(out, tuple):
+            out, self.last_info = out
+        return out
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits [B, L, V]: position t predicts x_{t+1} from x_≤t."""
+        return self.head(self.ln_f(self.equilibrium(self.inject(tokens))))
+
+    def token_nll(self, tokens: Tensor) -> Tensor:
+        """NLL of every token given its prefix, [B, L] (nats); column 0 is ln V."""
+        logp = torch.log_softmax(self.forward(tokens)[:, :-1].float(), -1)  # [B, L-1, V]
+        nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        first = torch.full_like(nll[:, :1], math.log(self.vocab_size))
+        return torch.cat([first, nll], 1)
+
+    def loss(self, tokens: Tensor) -> Tensor:
+        """Mean next-token cross-entropy (nats) over positions 1..L−1 (needs L >= 2)."""
+        if isinstance(tokens, Tensor) and tokens.dim() == 2 and tokens.shape[1] < 2:
+            raise ValueError(f"loss needs sequences of L >= 2 tokens, got L={tokens.shape[1]}")
+        logits = self.forward(tokens)[:, :-1]  # [B, L-1, V]
+        return nn.functional.cross_entropy(logits.reshape(-1, self.vocab_size).float(), tokens[:, 1:].reshape(-1))
