@@ -55,7 +55,9 @@ def build_info() -> dict:
 
 from . import markov  # noqa: E402
 from . import diagnostics, estimators, solvers  # noqa: E402
+from .block import EquilibriumBlock, EquilibriumLM  # noqa: E402
 from .solvers import fixed_point, relax  # noqa: E402
 
 __all__ = ["build_info", "markov", "__version__"]
 __all__ += ["relax", "fixed_point", "solvers", "estimators", "diagnostics"]
+__all__ += ["EquilibriumBlock", "EquilibriumLM"]

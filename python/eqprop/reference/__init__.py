@@ -1,1 +1,7 @@
-"""Plain PyTorch twins of the C++ core, used only as the test oracle and the benchmark baseline."""
+"""Plain PyTorch twins of the C++ core: the test oracle and benchmark baseline (DESIGN.md §2).
+
+Only tests and benchmarks import this package; the library itself never does.
+"""
+
+from . import block  # noqa: F401
+from . import solvers  # noqa: F401
