@@ -368,3 +368,12 @@ def test_bad_inputs_raise_clear_errors():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="z0 must be on the device of x"):
             eqprop.relax(f, x, z0=torch.zeros(2, 3, dtype=torch.float64, device="cuda"))
+
+
+def test_backward_budget_defaults_to_the_forward_one_and_is_reported():
+    f = TanhLayer(4)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    z, info = eqprop.fixed_point(f, x, max_steps=3, tol=0.0, return_info=True)
+    z.sum().backward()
+    assert info.backward["n_vjps"] == 3 and info.backward["status"].tolist() == [1, 1]
+    assert info.status_names == ["max_steps", "max_steps"]
