@@ -158,20 +158,26 @@ def _relax(fld, z0: torch.Tensor, opts: RelaxOptions, drive=None) -> tuple[torch
 def relax(f: Any, x: Optional[torch.Tensor], *, z0: Optional[torch.Tensor] = None, max_steps: int = 100,
           eps: float = 1.0, tol: float = 1e-4, stop: str = "rel", solver: str = "picard",
           anderson_m: int = 5, anderson_reg: float = 1e-8, divergence: float = 1e4,
-          trace: bool = True) -> tuple[torch.Tensor, RelaxInfo]:
+          trace: bool = True, drive: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+          ) -> tuple[torch.Tensor, RelaxInfo]:
     """Relax to the fixed point z* = F(z*; x) (DESIGN.md §4), never differentiated through.
 
     Damped Picard ``z <- z + eps (F(z) - z)`` or type-II Anderson (``anderson_m`` history,
     regularization ``anderson_reg``, mixing ``eps``) from ``z0`` (default zeros like x).
     Returns ``(z, info)``: z [B, ...] is the lowest-residual iterate per sample; ``info`` is a
     :class:`RelaxInfo`. Divergence is reported per sample in ``info.status``, never raised.
+    ``drive(z)`` (optional, [B, ...] -> [B, ...]) is added to F: the relaxation then follows
+    dz/dt = F(z) + drive(z) - z, the nudged phase of EP with drive = -β ∂ℓ/∂z + c(z) (DESIGN.md §5);
+    residuals are those of the driven field.
 
     Example: ``z, info = eqprop.relax(lambda z, x: 0.5 * torch.tanh(z) + x, torch.randn(4, 8))``.
     """
     fld = as_field(f, x)
     opts = RelaxOptions(max_steps=max_steps, eps=eps, tol=tol, stop=stop, solver=solver,
                         anderson_m=anderson_m, anderson_reg=anderson_reg, divergence=divergence, trace=trace)
-    return _relax(fld, _initial_state(x, z0), opts)
+    if drive is not None and not callable(drive):
+        raise TypeError(f"drive must be callable as drive(z) or None, got {type(drive).__name__}")
+    return _relax(fld, _initial_state(x, z0), opts, drive)
 
 
 def _backward_options(max_steps, tol, opts: RelaxOptions) -> tuple[int, float]:
