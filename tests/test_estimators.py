@@ -129,3 +129,22 @@ def test_implicit_gradient_of_the_block_equals_finite_differences():
             p += h * d
         fd = (up - down) / (2 * h)
         assert abs(float((est.grads[name] * d).sum() - fd)) <= 1e-6 * abs(float(fd)), name
+
+
+def test_anderson_adjoint_gives_the_same_gradient_with_fewer_vjps():
+    f = TanhLayer(24, scale=0.97, seed=3, symmetric=True)
+    x = 0.1 * torch.randn(4, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    loss_fn = lambda z: (z**3).sum() + z.sum()
+    picard = Implicit(backward_tol=1e-12, backward_max_steps=3000, **OPTS).grad(f, x, loss_fn)
+    anderson = Implicit(backward_tol=1e-12, backward_max_steps=3000, backward_solver="anderson",
+                        **OPTS).grad(f, x, loss_fn)
+    assert (picard.stats["backward"]["status"] == 0).all() and (anderson.stats["backward"]["status"] == 0).all()
+    assert anderson.stats["backward"]["n_vjps"] < 0.5 * picard.stats["backward"]["n_vjps"]
+    for name in picard.grads:
+        torch.testing.assert_close(anderson.grads[name], picard.grads[name], rtol=1e-9, atol=1e-10)
+    # fixed_point's hook takes the same option.
+    z = eqprop.fixed_point(f, x, backward_solver="anderson", backward_tol=1e-12, backward_max_steps=3000, **OPTS)
+    (gW,) = torch.autograd.grad(loss_fn(z), [f.W])
+    torch.testing.assert_close(gW, picard.grads["W"], rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="backward_solver must be one of 'picard', 'anderson', got 'broyden'"):
+        Implicit(backward_solver="broyden")

@@ -295,8 +295,30 @@ RelaxResult relax(VectorField& field, const at::Tensor& z0, const RelaxOptions& 
   return r;
 }
 
+namespace {
+
+// λ ↦ Jᵀλ + g as a vector field, so the adjoint system is relaxed by the forward solvers.
+class AdjointField : public VectorField {
+ public:
+  AdjointField(Linearization& lin, at::Tensor g) : lin_(lin), g_(std::move(g)) {}
+  at::Tensor eval(const at::Tensor& lam) override { return lin_.vjp(lam) + g_; }
+  at::Tensor vjp(const at::Tensor&, const at::Tensor&) override { return unsupported(); }
+  at::Tensor jvp(const at::Tensor&, const at::Tensor&) override { return unsupported(); }
+  std::vector<at::Tensor> param_vjp(const at::Tensor&, const at::Tensor&) override { return {unsupported()}; }
+  std::vector<at::Tensor> parameters() override { return {}; }
+
+ private:
+  static at::Tensor unsupported() {
+    TORCH_CHECK(false, "the adjoint field only evaluates λ ↦ Jᵀλ + g");
+  }
+  Linearization& lin_;
+  at::Tensor g_;
+};
+
+}  // namespace
+
 AdjointResult adjoint_solve(Linearization& lin, const at::Tensor& g, int64_t max_steps, double tol,
-                            double divergence) {
+                            Method method, int64_t anderson_m, double divergence) {
   TORCH_CHECK_VALUE(max_steps >= 1, "backward_max_steps must be >= 1, got ", max_steps);
   TORCH_CHECK_VALUE(std::isfinite(tol) && tol >= 0.0, "backward_tol must be finite and >= 0, got ", tol);
   const at::Tensor& z = lin.point();
@@ -304,44 +326,26 @@ AdjointResult adjoint_solve(Linearization& lin, const at::Tensor& g, int64_t max
                     z.sizes(), ", got ", g.sizes());
   TORCH_CHECK_VALUE(g.device() == z.device(), "g must be on the device of z* (", z.device(), "), got ",
                     g.device());
-  c10::NoGradGuard no_grad;
   const at::Tensor gg = g.detach().to(z.scalar_type());
-  const int64_t B = z.size(0);
-  const auto ropts = z.options().dtype(norm_dtype(z.scalar_type()));
-  const at::Tensor g_norm = sq_norm_per_sample(gg).sqrt();
-  at::Tensor lam = gg.clone();
-  at::Tensor active = at::ones({B}, z.options().dtype(at::kBool));
-  at::Tensor steps = at::full({B}, max_steps, z.options().dtype(at::kLong));
-  at::Tensor status = at::full({B}, static_cast<int8_t>(Status::max_steps), z.options().dtype(at::kChar));
-  at::Tensor resid = at::full({B}, std::numeric_limits<double>::infinity(), ropts);
-  int64_t k = 0;
-  for (; k < max_steps; ++k) {
-    const at::Tensor next = lin.vjp(lam) + gg;  // λ ← Jᵀλ + g
-    const at::Tensor nrm = sq_norm_per_sample(next).sqrt();
-    const at::Tensor change = sq_norm_per_sample(next - lam).sqrt() / nrm.clamp_min(kTiny);
-    resid = at::where(active, change, resid);
-    const at::Tensor finite = at::isfinite(nrm);
-    lam = at::where(per_sample(active.logical_and(finite), lam), next, lam);
-    const at::Tensor converged = active.logical_and(change <= tol);
-    const at::Tensor diverged = active.logical_and(converged.logical_not())
-                                    .logical_and(finite.logical_not().logical_or(
-                                        nrm > g_norm.clamp_min(kTiny) * divergence));
-    steps = at::where(converged.logical_or(diverged), k + 1, steps);
-    status = at::where(converged, static_cast<int8_t>(Status::converged), status);
-    status = at::where(diverged, static_cast<int8_t>(Status::diverged), status);
-    active = active.logical_and(converged.logical_not()).logical_and(diverged.logical_not());
-    if (!active.any().item<bool>()) {
-      ++k;
-      break;
-    }
-  }
-  AdjointResult r;
-  r.lambda = lam;
-  r.steps = steps;
-  r.residual = resid;
-  r.status = status;
-  r.n_vjps = k;
-  return r;
+  TORCH_CHECK_VALUE(at::isfinite(gg).all().item<bool>(), "g (∂ℓ/∂z*) must be finite, got non-finite entries");
+  AdjointField adjoint(lin, gg);
+  RelaxOptions o;
+  o.max_steps = max_steps;
+  o.eps = 1.0;
+  o.tol = tol;
+  o.stop = Stop::rel;
+  o.method = method;
+  o.anderson_m = anderson_m;
+  o.divergence = divergence;
+  o.trace = false;
+  const RelaxResult r = relax(adjoint, gg, o);
+  AdjointResult out;
+  out.lambda = r.z;
+  out.steps = r.steps;
+  out.residual = r.rel_residual;
+  out.status = r.status;
+  out.n_vjps = r.n_evals;
+  return out;
 }
 
 at::Tensor unroll(VectorField& field, const at::Tensor& z, int64_t steps, double eps) {

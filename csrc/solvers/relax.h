@@ -58,13 +58,17 @@ RelaxResult relax(VectorField& field, const at::Tensor& z0, const RelaxOptions& 
 struct AdjointResult {
   at::Tensor lambda;    // [B, ...] solution of (I − Jᵀ)λ = g
   at::Tensor steps;     // [B] int64
-  at::Tensor residual;  // [B] relative change ‖λ_{k+1} − λ_k‖/‖λ_{k+1}‖ at the last step
+  at::Tensor residual;  // [B] relative residual ‖Jᵀλ + g − λ‖/‖Jᵀλ + g‖ of the returned λ
   at::Tensor status;    // [B] int8 (Status)
   int64_t n_vjps = 0;
 };
 
-// λ ← Jᵀλ + g (recurrent backprop, DESIGN.md §5), VJPs only, at the linearization point.
+// (I − Jᵀ)λ = g at the linearization point, VJPs only (DESIGN.md §5): the relaxation of the
+// adjoint field λ ↦ Jᵀλ + g from λ = g, by the same solvers as the forward pass — Picard is the
+// recurrent-backprop iteration λ ← Jᵀλ + g; Anderson accelerates it. Stops a sample at
+// ‖Jᵀλ + g − λ‖/‖Jᵀλ + g‖ ≤ tol; returns its lowest-residual λ.
 AdjointResult adjoint_solve(Linearization& lin, const at::Tensor& g, int64_t max_steps, double tol,
+                            Method method = Method::picard, int64_t anderson_m = 5,
                             double divergence = 1e6);
 
 // `steps` damped Picard steps from z with plain ATen ops, on the autograd graph when grad mode is

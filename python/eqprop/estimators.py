@@ -86,16 +86,17 @@ class Implicit:
     """Implicit differentiation (recurrent backprop): ∇θL = (∂F/∂θ)ᵀλ, (I - Jᵀ)λ = ∂ℓ/∂z*,
     with λ <- Jᵀλ + ∂ℓ/∂z* in C++ (DESIGN.md §5).
 
-    ``Implicit(backward_max_steps=None, backward_tol=None, **relax_options)`` (None: the forward
-    ``max_steps`` / ``tol``); unknown options raise.
+    ``Implicit(backward_max_steps=None, backward_tol=None, backward_solver="picard",
+    backward_anderson_m=5, **relax_options)`` (None: the forward ``max_steps`` / ``tol``;
+    ``backward_solver="anderson"`` accelerates the adjoint solve); unknown options raise.
     Example: ``est = Implicit(tol=1e-8).grad(layer, x, lambda z: z.square().mean())``.
     """
 
     def __init__(self, *, backward_max_steps: Optional[int] = None, backward_tol: Optional[float] = None,
-                 **relax_options):
+                 backward_solver: str = "picard", backward_anderson_m: int = 5, **relax_options):
         self.relax_options = RelaxOptions.from_kwargs("Implicit", relax_options)
-        self.backward_max_steps, self.backward_tol = _backward_options(backward_max_steps, backward_tol,
-                                                                       self.relax_options)
+        self.backward = _backward_options(backward_max_steps, backward_tol, backward_solver,
+                                          backward_anderson_m, self.relax_options)
 
     def grad(self, f: Any, x: Optional[torch.Tensor], loss_fn: Callable, *,
              z0: Optional[torch.Tensor] = None) -> Estimate:
@@ -103,7 +104,8 @@ class Implicit:
         z_star, info = _relax(fld, _initial_state(x, z0), self.relax_options)
         loss, g, grads = _loss_and_cotangent(loss_fn, z_star)
         gp = g.conj().resolve_conj() if g.is_complex() else g
-        res = _C.implicit_grads(fld, z_star, gp, self.backward_max_steps, self.backward_tol)
+        bo = self.backward
+        res = _C.implicit_grads(fld, z_star, gp, bo.max_steps, bo.tol, bo.solver, bo.anderson_m)
         names, params = _field_params(fld)
         field_grads = {n: _autograd_convention(pg, p) for n, p, pg in zip(names, params, res["param_grads"])}
         backward = {k: v for k, v in res.items() if k not in ("param_grads", "lambda")}

@@ -23,7 +23,7 @@ import torch
 
 from . import _C
 
-__all__ = ["RelaxOptions", "RelaxInfo", "as_field", "relax", "fixed_point", "STATUS_NAMES"]
+__all__ = ["RelaxOptions", "BackwardOptions", "RelaxInfo", "as_field", "relax", "fixed_point", "STATUS_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -180,23 +180,39 @@ def relax(f: Any, x: Optional[torch.Tensor], *, z0: Optional[torch.Tensor] = Non
     return _relax(fld, _initial_state(x, z0), opts, drive)
 
 
-def _backward_options(max_steps, tol, opts: RelaxOptions) -> tuple[int, float]:
-    """The adjoint iteration's budget; None takes the forward relaxation's (TorchDEQ's b_* defaults)."""
+@dataclass
+class BackwardOptions:
+    """The adjoint solve of the implicit backward: relax λ ↦ Jᵀλ + g with ``solver`` ("picard" is
+    the recurrent-backprop iteration λ <- Jᵀλ + g; "anderson" accelerates it) until
+    ``||Jᵀλ + g - λ|| / ||Jᵀλ + g|| <= tol`` or ``max_steps`` VJPs."""
+
+    max_steps: int
+    tol: float
+    solver: str = "picard"
+    anderson_m: int = 5
+
+
+def _backward_options(max_steps, tol, solver, anderson_m, opts: RelaxOptions) -> BackwardOptions:
+    """None takes the forward relaxation's max_steps / tol (TorchDEQ's b_* defaults)."""
     max_steps = opts.max_steps if max_steps is None else max_steps
     tol = opts.tol if tol is None else tol
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"backward_max_steps must be an int >= 1, got {max_steps!r}")
     if not (isinstance(tol, (int, float)) and tol >= 0):
         raise ValueError(f"backward_tol must be a float >= 0, got {tol!r}")
-    return max_steps, float(tol)
+    if solver not in ("picard", "anderson"):
+        raise ValueError(f"backward_solver must be one of 'picard', 'anderson', got {solver!r}")
+    if isinstance(anderson_m, bool) or not isinstance(anderson_m, int) or anderson_m < 1:
+        raise ValueError(f"backward_anderson_m must be an int >= 1, got {anderson_m!r}")
+    return BackwardOptions(max_steps, float(tol), solver, anderson_m)
 
 
-def _adjoint_hook(fld, z_star: torch.Tensor, max_steps: int, tol: float, info: RelaxInfo) -> Callable:
+def _adjoint_hook(fld, z_star: torch.Tensor, bo: BackwardOptions, info: RelaxInfo) -> Callable:
     def hook(g: torch.Tensor) -> torch.Tensor:
         # Autograd hands the conjugate (Wirtinger) cotangent for complex z; the engine solves with
         # the plain transpose: λ = conj(λ_plain(conj g)) solves λ = Jᴴλ + g (DESIGN.md §5).
         gp = g.conj().resolve_conj() if g.is_complex() else g
-        res = _C.adjoint_solve(fld, z_star, gp, max_steps, tol)
+        res = _C.adjoint_solve(fld, z_star, gp, bo.max_steps, bo.tol, bo.solver, bo.anderson_m)
         info.backward.update({k: v for k, v in res.items() if k != "lambda"})
         # Per-sample outcome in info.backward; divergence (ρ(J) ≥ 1: the implicit gradient does not
         # exist as a Neumann series) is worth a warning, running out of steps is not.
@@ -212,15 +228,17 @@ def _adjoint_hook(fld, z_star: torch.Tensor, max_steps: int, tol: float, info: R
 
 def fixed_point(f: Any, x: Optional[torch.Tensor], *, backward: str = "implicit",
                 bptt_horizon: Optional[int] = None, backward_max_steps: Optional[int] = None,
-                backward_tol: Optional[float] = None, z0: Optional[torch.Tensor] = None,
+                backward_tol: Optional[float] = None, backward_solver: str = "picard",
+                backward_anderson_m: int = 5, z0: Optional[torch.Tensor] = None,
                 return_info: bool = False, **relax_options):
     """The fixed point z* = F(z*; x) on the autograd graph (gradients reach f's parameters and x).
 
     ``backward="implicit"``: relax without a graph, then apply F once differentiably,
     z = F(z*; x); a hook replaces the incoming cotangent g by λ solving (I - Jᵀ)λ = g with the
-    adjoint iteration λ <- Jᵀλ + g in C++ (``backward_max_steps``, ``backward_tol`` on the relative
-    change; default: the forward ``max_steps`` and ``tol``), so autograd continues with (∂F/∂θ)ᵀλ
-    and (∂F/∂x)ᵀλ (DESIGN.md §5).
+    adjoint iteration λ <- Jᵀλ + g in C++ (``backward_solver="anderson"`` accelerates it;
+    ``backward_max_steps`` VJPs, ``backward_tol`` on ``||Jᵀλ + g - λ|| / ||Jᵀλ + g||``; default:
+    the forward ``max_steps`` and ``tol``), so autograd continues with (∂F/∂θ)ᵀλ and (∂F/∂x)ᵀλ
+    (DESIGN.md §5).
     ``backward="bptt"``: relax, then ``bptt_horizon`` damped Picard steps from z* on the graph
     (truncated BPTT); ``bptt_horizon=None`` backpropagates through ``max_steps`` steps from z0.
     ``relax_options`` are those of :func:`relax`. Returns z [B, ...] (and the :class:`RelaxInfo`
@@ -236,7 +254,7 @@ def fixed_point(f: Any, x: Optional[torch.Tensor], *, backward: str = "implicit"
         raise ValueError(f"bptt_horizon must be an int >= 1 or None, got {bptt_horizon!r}")
     if backward == "implicit" and bptt_horizon is not None:
         raise ValueError("bptt_horizon applies to backward='bptt' only, got backward='implicit'")
-    backward_max_steps, backward_tol = _backward_options(backward_max_steps, backward_tol, opts)
+    bo = _backward_options(backward_max_steps, backward_tol, backward_solver, backward_anderson_m, opts)
     fld = as_field(f, x)
     start = _initial_state(x, z0)
     if backward == "bptt" and bptt_horizon is None:
@@ -255,5 +273,5 @@ def fixed_point(f: Any, x: Optional[torch.Tensor], *, backward: str = "implicit"
     else:
         z = fld.eval(z_star)  # = z* at convergence; its graph carries (∂F/∂θ)ᵀ, (∂F/∂x)ᵀ
         if z.requires_grad:
-            z.register_hook(_adjoint_hook(fld, z_star, backward_max_steps, float(backward_tol), info))
+            z.register_hook(_adjoint_hook(fld, z_star, bo, info))
     return (z, info) if return_info else z
