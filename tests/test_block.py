@@ -273,6 +273,17 @@ def test_spectral_vectors_update_in_training_forward_only():
     assert not torch.equal(blk.q_weight_sn_u, u0)
 
 
+def test_training_mode_backward_through_several_forwards():
+    # each training forward moves sn_u in place; graphs of earlier calls must not depend on it
+    blk = _block(spectral_rho=0.5).train()
+    x = torch.randn(1, 3, 8, dtype=torch.float64)
+    z = torch.zeros_like(x)
+    for _ in range(3):
+        z = blk(z, x)
+    z.square().sum().backward()
+    assert blk.q_weight.grad.abs().sum() > 0
+
+
 # ---- bad input ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -335,8 +335,10 @@ Weights effective_weights(const BlockConfig& cfg, const std::vector<at::Tensor>&
   for (size_t i = 0; i < specs.size(); ++i) {
     Tensor t = params[i];
     if (specs[i].spectral) {
-      // W / max(1, σ/ρ) with σ = ‖Wᵀu‖; the gradient flows through σ (u is a constant).
-      Tensor sigma = at::linalg_vector_norm(at::matmul(sn_u[j++], t));
+      // W / max(1, σ/ρ) with σ = ‖Wᵀu‖; the gradient flows through σ (u is a constant). The graph
+      // keeps a copy of u: training-mode forwards update sn_u in place before earlier graphs
+      // (e.g. several BPTT steps) have run backward.
+      Tensor sigma = at::linalg_vector_norm(at::matmul(sn_u[j++].detach().clone(), t));
       t = t / at::clamp_min(sigma / *cfg.spectral_rho, 1.0);
     }
     p[specs[i].name] = t;
