@@ -351,6 +351,8 @@ def test_bad_params_and_field_inputs():
         _C.block_forward(cfg, params, [], z, z)
     with pytest.raises(ValueError, match=r"x \(the injection\) must be finite"):
         blk.vector_field(torch.full_like(z, float("inf")))
+    with pytest.raises(ValueError, match=r"x must be \[B, T, C\] with C = d_model = 8, got shape \[3, 8\]"):
+        blk.vector_field(z[0])
     f = blk.vector_field(z)
     with pytest.raises(ValueError, match=r"z must have the shape of the bound x \[1, 3, 8\], got \[1, 4, 8\]"):
         f.eval(torch.randn(1, 4, 8, dtype=torch.float64))
