@@ -137,3 +137,17 @@ def test_bad_arguments():
         dg.nonnormality(f, x, z, dist="uniform")
     with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
         dg.symmetric_fraction(f, x, z, seed=-1)
+
+
+def test_block_diagnostics_against_dense_jacobian():
+    torch.manual_seed(0)
+    blk = eqprop.EquilibriumBlock(8, 2, resinit=0.5).double()
+    x = torch.randn(1, 3, 8, dtype=torch.float64)
+    z, _ = eqprop.relax(blk, x, tol=1e-12, max_steps=300)
+    J = ref.dense_jacobian(blk, x, z).detach()  # [1, 24, 24]
+    torch.testing.assert_close(dg.spectral_norm(blk, x, z, iters=300), torch.linalg.matrix_norm(J, 2),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(dg.spectral_radius(blk, x, z, iters=600),
+                               torch.linalg.eigvals(J).abs().max(-1).values, rtol=1e-2, atol=0)
+    _within(dg.frobenius_sq(blk, x, z, probes=200, seed=1), float((J**2).sum() / z.numel()))
+    _within(dg.nonnormality(blk, x, z, probes=200, seed=2), float((J - J.mT).norm() / J.norm()))

@@ -105,3 +105,27 @@ def test_estimators_reject_bad_configuration():
     f, x, _ = _setup()
     with pytest.raises(ValueError, match=r"loss_fn\(z\) must return a scalar tensor"):
         Implicit().grad(f, x, lambda z: z)
+
+
+def test_implicit_gradient_of_the_block_equals_finite_differences():
+    # The native block field (no Python in the loop) through the same estimator.
+    torch.manual_seed(0)
+    blk = eqprop.EquilibriumBlock(8, 2, resinit=0.3).double()
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    loss_fn = lambda z: (z**3).sum()
+    est = Implicit(backward_tol=1e-14, backward_max_steps=500, tol=1e-14, stop="abs", max_steps=500).grad(blk, x, loss_fn)
+    assert set(est.grads) == {n for n, p in blk.named_parameters() if p.requires_grad}
+    fun = lambda: loss_fn(eqprop.relax(blk, x, tol=1e-14, stop="abs", max_steps=500)[0])
+    g = torch.Generator().manual_seed(1)
+    for name in ("q_weight", "ffn_in_weight" if "ffn_in_weight" in est.grads else sorted(est.grads)[-1]):
+        p = dict(blk.named_parameters())[name]
+        d = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        h = 1e-6
+        with torch.no_grad():
+            p += h * d
+            up = fun()
+            p -= 2 * h * d
+            down = fun()
+            p += h * d
+        fd = (up - down) / (2 * h)
+        assert abs(float((est.grads[name] * d).sum() - fd)) <= 1e-6 * abs(float(fd)), name

@@ -1,5 +1,6 @@
 """Relaxation, the VectorField products, fixed_point and the fused damped step (DESIGN.md §4, §5)."""
 
+import cmath
 import math
 
 import pytest
@@ -185,11 +186,34 @@ def test_drive_shifts_the_fixed_point():
     x = torch.randn(2, 3, dtype=torch.float64)
     y = torch.randn(2, 3, dtype=torch.float64)
     beta = 0.4
-    fld = eqprop.solvers.as_field(f, x)
-    d = _C.relax(fld, torch.zeros_like(x), 500, 0.5, 1e-12, "abs", "anderson", 4, 1e-10, 1e4, True,
-                 lambda z: -beta * (z - y))
     expected = torch.linalg.solve((1 + beta) * torch.eye(3, dtype=torch.float64) - A, (x + beta * y).T).T
-    torch.testing.assert_close(d["z"], expected, rtol=1e-9, atol=1e-9)
+    for solver in ("picard", "anderson"):
+        z, info = eqprop.relax(f, x, eps=0.5, tol=1e-12, stop="abs", max_steps=500, solver=solver,
+                               drive=lambda z: -beta * (z - y))
+        assert info.converged.all()
+        torch.testing.assert_close(z, expected, rtol=1e-9, atol=1e-9)
+    # Complex β (holomorphic EP): the same closed form in complex arithmetic.
+    beta_c = 0.3 * cmath.exp(0.7j)
+    Ac, xc, yc = A.to(torch.complex128), x.to(torch.complex128), y.to(torch.complex128)
+    zc, info = eqprop.relax(lambda z, x: z @ Ac.T + x, xc, tol=1e-12, stop="abs", max_steps=500,
+                            solver="anderson", drive=lambda z: -beta_c * (z - yc))
+    expected_c = torch.linalg.solve((1 + beta_c) * torch.eye(3, dtype=torch.complex128) - Ac,
+                                    (xc + beta_c * yc).T).T
+    torch.testing.assert_close(zc, expected_c, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+def test_low_precision_relaxation(solver):
+    # bfloat16 state: the damped step and Anderson's mixing run in float32 and the fixed point is
+    # that of the float64 field to bfloat16 precision.
+    f = TanhLayer(16, scale=0.6)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    z64, _ = eqprop.relax(f, x, tol=1e-12, max_steps=300)
+    fb = TanhLayer(16, scale=0.6, dtype=torch.bfloat16)
+    zb, info = eqprop.relax(fb, x.bfloat16(), tol=2e-2, max_steps=100, solver=solver)
+    assert zb.dtype == torch.bfloat16 and info.abs_lowest.dtype == torch.float32
+    assert info.converged.all()
+    torch.testing.assert_close(zb.double(), z64, rtol=5e-2, atol=5e-2)
 
 
 # --- VectorField products -------------------------------------------------------------------------
@@ -368,3 +392,12 @@ def test_bad_inputs_raise_clear_errors():
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="z0 must be on the device of x"):
             eqprop.relax(f, x, z0=torch.zeros(2, 3, dtype=torch.float64, device="cuda"))
+
+
+def test_backward_budget_defaults_to_the_forward_one_and_is_reported():
+    f = TanhLayer(4)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    z, info = eqprop.fixed_point(f, x, max_steps=3, tol=0.0, return_info=True)
+    z.sum().backward()
+    assert info.backward["n_vjps"] == 3 and info.backward["status"].tolist() == [1, 1]
+    assert info.status_names == ["max_steps", "max_steps"]

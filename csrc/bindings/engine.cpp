@@ -12,6 +12,7 @@
 #include "bindings/binder.h"
 #include "bindings/vector_field_binding.h"
 #include "diagnostics/diagnostics.h"
+#include "estimators/implicit.h"
 #include "solvers/autograd_field.h"
 #include "solvers/relax.h"
 
@@ -201,16 +202,13 @@ static Binder bind_engine([](py::module_& m) {
       [](std::shared_ptr<VectorField> field, const at::Tensor& z, const at::Tensor& g, int64_t max_steps,
          double tol) {
         check_field(field);
-        solvers::AdjointResult r;
-        std::vector<at::Tensor> grads;
+        estimators::ImplicitResult r;
         {
           py::gil_scoped_release nogil;
-          auto lin = field->linearize(z.detach());
-          r = solvers::adjoint_solve(*lin, g, max_steps, tol);
-          grads = lin->param_vjp(r.lambda);  // ∇θ L = (∂F/∂θ)ᵀλ
+          r = estimators::implicit_grads(*field, z, g, max_steps, tol);
         }
-        py::dict d = adjoint_dict(r);
-        d["param_grads"] = grads;
+        py::dict d = adjoint_dict(r.adjoint);
+        d["param_grads"] = r.param_grads;
         return d;
       },
       py::arg("field"), py::arg("z"), py::arg("g"), py::arg("max_steps"), py::arg("tol"),

@@ -181,8 +181,12 @@ class Anderson {
  public:
   Anderson(const at::Tensor& z0, int64_t m, double beta, double reg)
       : m_(m), beta_(beta), reg_(reg), batch_(z0.size(0)), n_(z0.numel() / z0.size(0)) {
-    X_ = at::zeros({batch_, m, n_}, z0.options());
-    F_ = at::zeros({batch_, m, n_}, z0.options());
+    // Half / bfloat16 states mix in float32: the Gram matrix and its solve need the precision
+    // (and linalg has no half kernels).
+    const auto st = z0.scalar_type();
+    const auto work = (st == at::kHalf || st == at::kBFloat16) ? at::kFloat : st;
+    X_ = at::zeros({batch_, m, n_}, z0.options().dtype(work));
+    F_ = at::zeros({batch_, m, n_}, z0.options().dtype(work));
   }
   at::Tensor step(const at::Tensor& z, const at::Tensor& fz, const at::Tensor& picard, int64_t t) {
     const int64_t slot = t % m_, k = std::min<int64_t>(t + 1, m_);
@@ -207,7 +211,7 @@ class Anderson {
     // [B, 1, k] @ [B, k, n] -> [B, 1, n]
     const at::Tensor mixed = (at::matmul(a3, F) * beta_ + at::matmul(a3, X) * (1.0 - beta_)).squeeze(1);
     const at::Tensor ok = (info == 0).logical_and(at::isfinite(alpha).all(-1));  // [B]
-    return at::where(per_sample(ok, picard), mixed.view(picard.sizes()), picard);
+    return at::where(per_sample(ok, picard), mixed.view(picard.sizes()).to(picard.scalar_type()), picard);
   }
 
  private:

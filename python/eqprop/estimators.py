@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import _C
-from .solvers import RelaxOptions, _initial_state, _relax, as_field
+from .solvers import RelaxOptions, _backward_options, _initial_state, _relax, as_field
 
 __all__ = ["Estimate", "Implicit", "BPTT"]
 
@@ -86,18 +86,16 @@ class Implicit:
     """Implicit differentiation (recurrent backprop): ∇θL = (∂F/∂θ)ᵀλ, (I - Jᵀ)λ = ∂ℓ/∂z*,
     with λ <- Jᵀλ + ∂ℓ/∂z* in C++ (DESIGN.md §5).
 
-    ``Implicit(backward_max_steps=200, backward_tol=1e-8, **relax_options)``; unknown options raise.
+    ``Implicit(backward_max_steps=None, backward_tol=None, **relax_options)`` (None: the forward
+    ``max_steps`` / ``tol``); unknown options raise.
     Example: ``est = Implicit(tol=1e-8).grad(layer, x, lambda z: z.square().mean())``.
     """
 
-    def __init__(self, *, backward_max_steps: int = 200, backward_tol: float = 1e-8, **relax_options):
-        if isinstance(backward_max_steps, bool) or not isinstance(backward_max_steps, int) or backward_max_steps < 1:
-            raise ValueError(f"backward_max_steps must be an int >= 1, got {backward_max_steps!r}")
-        if not (backward_tol >= 0):
-            raise ValueError(f"backward_tol must be >= 0, got {backward_tol!r}")
-        self.backward_max_steps = backward_max_steps
-        self.backward_tol = float(backward_tol)
+    def __init__(self, *, backward_max_steps: Optional[int] = None, backward_tol: Optional[float] = None,
+                 **relax_options):
         self.relax_options = RelaxOptions.from_kwargs("Implicit", relax_options)
+        self.backward_max_steps, self.backward_tol = _backward_options(backward_max_steps, backward_tol,
+                                                                       self.relax_options)
 
     def grad(self, f: Any, x: Optional[torch.Tensor], loss_fn: Callable, *,
              z0: Optional[torch.Tensor] = None) -> Estimate:

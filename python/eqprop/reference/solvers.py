@@ -26,8 +26,9 @@ def picard(f, x, z0=None, *, max_steps=100, eps=1.0, tol=1e-4, stop="rel"):
     z = torch.zeros_like(x) if z0 is None else z0.clone()
     B = z.shape[0]
     best = z.clone()
-    best_m = torch.full((B,), float("inf"), device=z.device)
-    best_abs = torch.full((B,), float("nan"), device=z.device)
+    real = z.real.dtype if z.is_complex() else z.dtype
+    best_m = torch.full((B,), float("inf"), device=z.device, dtype=real)
+    best_abs = torch.full((B,), float("nan"), device=z.device, dtype=real)
     best_rel = best_abs.clone()
     steps = torch.full((B,), max_steps, dtype=torch.long, device=z.device)
     tr_a, tr_r = [], []
