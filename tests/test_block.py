@@ -10,7 +10,7 @@ import torch
 import eqprop
 from eqprop import _C
 from eqprop.reference import block as ref
-from testing import devices
+from testing import needs_cuda
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -273,6 +273,17 @@ def test_spectral_vectors_update_in_training_forward_only():
     assert not torch.equal(blk.q_weight_sn_u, u0)
 
 
+def test_training_mode_backward_through_several_forwards():
+    # each training forward moves sn_u in place; graphs of earlier calls must not depend on it
+    blk = _block(spectral_rho=0.5).train()
+    x = torch.randn(1, 3, 8, dtype=torch.float64)
+    z = torch.zeros_like(x)
+    for _ in range(3):
+        z = blk(z, x)
+    z.square().sum().backward()
+    assert blk.q_weight.grad.abs().sum() > 0
+
+
 # ---- bad input ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -340,6 +351,8 @@ def test_bad_params_and_field_inputs():
         _C.block_forward(cfg, params, [], z, z)
     with pytest.raises(ValueError, match=r"x \(the injection\) must be finite"):
         blk.vector_field(torch.full_like(z, float("inf")))
+    with pytest.raises(ValueError, match=r"x must be \[B, T, C\] with C = d_model = 8, got shape \[3, 8\]"):
+        blk.vector_field(z[0])
     f = blk.vector_field(z)
     with pytest.raises(ValueError, match=r"z must have the shape of the bound x \[1, 3, 8\], got \[1, 4, 8\]"):
         f.eval(torch.randn(1, 4, 8, dtype=torch.float64))
@@ -347,10 +360,180 @@ def test_bad_params_and_field_inputs():
         f.eval(z.float())
 
 
-@pytest.mark.parametrize("device", devices)
-def test_devices_agree_with_cpu(device):
-    blk_cpu = _block(attention="softmax", ffn="mlp", rope=True, bias=True)
-    blk = _block(attention="softmax", ffn="mlp", rope=True, bias=True, device=device)
+@needs_cuda
+@pytest.mark.parametrize("attention", ["softmax", "energy"])
+def test_cuda_agrees_with_cpu(attention):
+    blk_cpu = _block(attention=attention, ffn="mlp", rope=True, bias=True, spectral_rho=0.8)
+    blk = _block(attention=attention, ffn="mlp", rope=True, bias=True, spectral_rho=0.8, device="cuda")
     z, x = torch.randn(2, 6, 8, dtype=torch.float64), torch.randn(2, 6, 8, dtype=torch.float64)
+    for grad in (False, True):  # SDPA and the explicit softmax
+        with torch.set_grad_enabled(grad):
+            got = blk(z.cuda(), x.cuda()).cpu()
+        torch.testing.assert_close(got, blk_cpu(z, x), rtol=1e-10, atol=1e-10)
+    f = blk.vector_field(x.cuda().to(torch.complex128))
     with torch.no_grad():
-        torch.testing.assert_close(blk(z.to(device), x.to(device)).cpu(), blk_cpu(z, x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(f.eval(z.cuda().to(torch.complex128)).cpu(),
+                                   blk_cpu(z.to(torch.complex128), x.to(torch.complex128)), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("attention,ffn", [("softmax", "mlp"), ("energy", "monotone")])
+def test_gradcheck_complex(attention, ffn):
+    # autograd of the holomorphic extension (Wirtinger convention), in z, x and the real parameters
+    blk = _block(d_model=4, n_heads=2, mlp_ratio=1, attention=attention, ffn=ffn, bias=True, rope=True)
+    cfg, sn_u = blk.config, blk.sn_u_list()
+    params = [p.detach().clone().requires_grad_(True) for p in blk.param_list()][:4]
+    rest = blk.param_list()[4:]
+    cplx = lambda: torch.complex(torch.randn(1, 3, 4, dtype=torch.float64),  # noqa: E731
+                                 0.2 * torch.randn(1, 3, 4, dtype=torch.float64)).requires_grad_(True)
+    z, x = cplx(), cplx()
+
+    def F(z, x, *head):
+        return _C.block_forward(cfg, [*head, *[r.detach() for r in rest]], sn_u, z, x)
+
+    assert torch.autograd.gradcheck(F, (z, x, *params), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+# ---- the block in the engine ----------------------------------------------------------------------
+
+def test_implicit_gradient_through_block_matches_finite_differences():
+    """∇θ ℓ(z*(θ)) by eqprop.fixed_point (implicit, native block field) vs central differences."""
+    blk = _block(d_model=8, n_heads=2, perturb=0.1, coupling="sequential", bias=True, spectral_rho=0.9,
+                 resinit=0.3)
+    torch.manual_seed(4)
+    x = torch.randn(1, 4, 8, dtype=torch.float64)
+    w = torch.randn(1, 4, 8, dtype=torch.float64)
+    opts = dict(max_steps=400, tol=1e-14, backward_max_steps=400, backward_tol=1e-14)
+
+    def loss():
+        return (w * eqprop.fixed_point(blk, x, **opts)).sum()
+
+    loss().backward()
+    h = 1e-6
+    for name in ("q_weight", "ffn_out_weight", "ln2_weight"):
+        p = getattr(blk, name)
+        idx = (1,) if p.dim() == 1 else (1, 2)
+        with torch.no_grad():
+            p[idx] += h
+            lp = loss()
+            p[idx] -= 2 * h
+            lm = loss()
+            p[idx] += h
+        fd = (lp - lm) / (2 * h)
+        assert abs(p.grad[idx] - fd) <= 1e-6 * max(abs(fd), 1e-3), name
+
+
+# ---- EquilibriumLM --------------------------------------------------------------------------------
+
+def _lm(pos="learned", **kw):
+    torch.manual_seed(0)
+    return eqprop.EquilibriumLM(3, 8, 2, max_len=12, pos=pos, mlp_ratio=2, dtype=torch.float64,
+                                fixed_point=dict(max_steps=25, tol=0.0), **kw)
+
+
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
+def test_lm_shapes_loss_and_causality(pos):
+    lm = _lm(pos)
+    tokens = torch.randint(0, 3, (2, 10))
+    logits = lm(tokens)
+    assert logits.shape == (2, 10, 3)
+    nll = lm.token_nll(tokens)
+    assert nll.shape == (2, 10)
+    torch.testing.assert_close(nll[:, 0], torch.full((2,), math.log(3), dtype=nll.dtype))
+    loss = lm.loss(tokens)
+    torch.testing.assert_close(loss, nll[:, 1:].mean())
+    loss.backward()
+    for name, p in [("tok_emb", lm.tok_emb.weight), ("q_weight", lm.block.q_weight), ("head", lm.head.weight)]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    if pos == "learned":
+        assert lm.pos_emb.weight.grad[:10].abs().sum() > 0
+    # causal: a change at position 6 leaves the logits of positions 0..5 unchanged (fixed step count,
+    # so every iterate, not just the limit, is causal)
+    other = tokens.clone()
+    other[:, 6] = (other[:, 6] + 1) % 3
+    with torch.no_grad():
+        a, b = lm(tokens), lm(other)
+    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=1e-12)
+    assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-6
+
+
+def test_positions_matter():
+    """Attention without positions is blind to the order of earlier tokens: permuting the prefix
+    leaves F at the last position unchanged. RoPE (in the block) and every LM pos mode break this."""
+    perm = [2, 0, 1, 3, 4]
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    for rope in (False, True):
+        blk = _block(rope=rope)
+        with torch.no_grad():
+            d = (blk(x[:, perm], x[:, perm])[:, -1] - blk(x, x)[:, -1]).abs().max()
+        assert (d > 1e-6) == rope, (rope, float(d))
+    tokens = torch.tensor([[0, 1, 2, 2, 1]])
+    for pos in ("learned", "sinusoidal", "rope"):
+        lm = _lm(pos)
+        with torch.no_grad():
+            d = (lm(tokens[:, perm])[:, -1] - lm(tokens)[:, -1]).abs().max()
+        assert d > 1e-6, pos
+
+
+def test_energy_attention_is_not_causal_so_the_lm_refuses_it():
+    blk = _block(attention="energy")
+    z, x = torch.randn(1, 5, 8, dtype=torch.float64), torch.randn(1, 5, 8, dtype=torch.float64)
+    z2 = z.clone()
+    z2[:, -1] += torch.randn(8, dtype=torch.float64)  # (a constant shift would vanish in LN1)
+    with torch.no_grad():
+        assert (blk(z2, x)[:, 0] - blk(z, x)[:, 0]).abs().max() > 1e-6  # the last token reaches the first
+    with pytest.raises(ValueError, match=r'attention="energy" is not causal'):
+        eqprop.EquilibriumLM(2, 8, 2, max_len=10, attention="energy")
+
+
+def test_lm_bad_input():
+    with pytest.raises(ValueError, match=r'pos must be one of "learned", "sinusoidal", "rope"; got \'alibi\''):
+        eqprop.EquilibriumLM(2, 8, 2, max_len=10, pos="alibi")
+    with pytest.raises(TypeError, match=r'pass pos="rope" instead'):
+        eqprop.EquilibriumLM(2, 8, 2, max_len=10, rope=True)
+    with pytest.raises(ValueError, match=r"d_model must be divisible by n_heads, got d_model=8 and n_heads=3"):
+        eqprop.EquilibriumLM(2, 8, 3, max_len=10)
+    with pytest.raises(ValueError, match=r"vocab_size must be >= 2, got 1"):
+        eqprop.EquilibriumLM(1, 8, 2, max_len=10)
+    lm = eqprop.EquilibriumLM(2, 8, 2, max_len=10)
+    with pytest.raises(ValueError, match=r"tokens must be an int64 tensor \[B, L\], got torch.float32"):
+        lm(torch.zeros(1, 5))
+    with pytest.raises(ValueError, match=r"tokens must have 1 <= L <= max_len=10 positions, got L=11"):
+        lm(torch.zeros(1, 11, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, vocab_size=2\), got values in \[0, 2\]"):
+        lm(torch.tensor([[0, 1, 2]]))
+    with pytest.raises(ValueError, match=r"loss needs sequences of L >= 2 tokens, got L=1"):
+        lm.loss(torch.zeros(1, 1, dtype=torch.long))
+    lm_bad = eqprop.EquilibriumLM(2, 8, 2, max_len=10, fixed_point=dict(max_iters=5))
+    with pytest.raises(TypeError, match=r"unknown relaxation option\(s\) \['max_iters'\]"):
+        lm_bad(torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_lm_learns_markov_k1():
+    """Trained with ordinary autograd through eqprop.fixed_point (implicit backward), the LM beats
+    an adaptive order-0 counter (which ignores the previous token) and falls well below ln 2."""
+    k, L = 1, 100
+    torch.manual_seed(0)
+    lm = eqprop.EquilibriumLM(2, 32, 2, max_len=L, mlp_ratio=2, spectral_rho=1.0,
+                              fixed_point=dict(max_steps=20, tol=1e-3, backward_max_steps=30, backward_tol=1e-4))
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-2, weight_decay=0.0)
+    for step in range(80):
+        loss = lm.loss(eqprop.markov.sample(32, k, seq_len=L, seed=step))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+    test = eqprop.markov.sample(256, k, seq_len=L, seed=10_000)
+    bayes = eqprop.markov.bayes_nll(test, k)
+    with torch.no_grad():
+        nll = lm.token_nll(test)
+    assert bool(lm.last_info.converged.all())
+    # the order-0 counter: P(a) = (n_a + 1/2) / (n + 1) over the tokens seen so far
+    onehot = torch.nn.functional.one_hot(test, 2).double()
+    counts = torch.cumsum(onehot, 1) - onehot
+    p0 = (counts + 0.5) / (counts.sum(-1, keepdim=True) + 1.0)
+    nll0 = -torch.log(p0.gather(-1, test[..., None]).squeeze(-1))
+    gap, se = eqprop.markov.gap_pct(nll, bayes, k)
+    gap0, _ = eqprop.markov.gap_pct(nll0, bayes, k)
+    assert nll[:, k:].mean() < 0.60 < math.log(2)
+    assert gap < gap0 - 3.0, (gap, se, gap0)

@@ -136,13 +136,27 @@ Tensor softmax_attention(const BlockConfig& cfg, const Weights& w, const Tensor&
   Rope rope;
   if (cfg.rope) rope = rope_tables(T, d, cfg.rope_base, u);
   const Rope* rp = cfg.rope ? &rope : nullptr;
-  Tensor q = project(cfg, u, w.wq, w.bq, w.q_norm, rp).q;  // [B, H, T, d]
-  Tensor k = project(cfg, u, w.wk, w.bk, w.k_norm, rp).q;
-  Tensor v = split_heads(at::linear(u, w.wv, w.bv), cfg.n_heads);
+  Tensor q, k, v;  // [B, H, T, d]
+  if (w.wqkv.defined()) {
+    auto qkv = at::linear(u, w.wqkv, w.bqkv).chunk(3, -1);  // [B, T, 3C] -> 3 x [B, T, C]
+    auto finish = [&](const Tensor& a, const Tensor& g) {
+      Tensor h = split_heads(a, cfg.n_heads);
+      if (cfg.qk_norm) h = rms_norm(h, g, cfg.qk_eps);
+      return rp ? rope_apply(h, *rp) : h;
+    };
+    q = finish(qkv[0], w.q_norm);
+    k = finish(qkv[1], w.k_norm);
+    v = split_heads(qkv[2], cfg.n_heads);
+  } else {
+    q = project(cfg, u, w.wq, w.bq, w.q_norm, rp).q;
+    k = project(cfg, u, w.wk, w.bk, w.k_norm, rp).q;
+    v = split_heads(at::linear(u, w.wv, w.bv), cfg.n_heads);
+  }
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   Tensor o;
   if (cfg.attn_kernel == AttnKernel::kAuto && !u.is_complex() && !at::GradMode::is_enabled()) {
-    o = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, {}, scale);
+    o = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0, /*is_causal=*/true,
+                                         /*scale=*/scale);
   } else {
     Tensor P = causal_softmax(at::matmul(q, k.transpose(-1, -2)) * scale,  // [B, H, T, T]
                               causal_mask(T, u.device()));
@@ -335,8 +349,10 @@ Weights effective_weights(const BlockConfig& cfg, const std::vector<at::Tensor>&
   for (size_t i = 0; i < specs.size(); ++i) {
     Tensor t = params[i];
     if (specs[i].spectral) {
-      // W / max(1, σ/ρ) with σ = ‖Wᵀu‖; the gradient flows through σ (u is a constant).
-      Tensor sigma = at::linalg_vector_norm(at::matmul(sn_u[j++], t));
+      // W / max(1, σ/ρ) with σ = ‖Wᵀu‖; the gradient flows through σ (u is a constant). The graph
+      // keeps a copy of u: training-mode forwards update sn_u in place before earlier graphs
+      // (e.g. several BPTT steps) have run backward.
+      Tensor sigma = at::linalg_vector_norm(at::matmul(sn_u[j++].detach().clone(), t));
       t = t / at::clamp_min(sigma / *cfg.spectral_rho, 1.0);
     }
     p[specs[i].name] = t;
@@ -381,10 +397,16 @@ Weights Weights::to(at::ScalarType dtype) const {
   Weights o = *this;
   for (Tensor* t : {&o.ln1_w, &o.ln1_b, &o.ln2_w, &o.ln2_b, &o.wq, &o.wk, &o.wv, &o.wo, &o.bq, &o.bk,
                     &o.bv, &o.bo, &o.q_norm, &o.k_norm, &o.energy_gain, &o.w1, &o.b1, &o.w2, &o.b2,
-                    &o.w_mono, &o.b_mono}) {
+                    &o.w_mono, &o.b_mono, &o.wqkv, &o.bqkv}) {
     if (t->defined()) *t = t->to(dtype);
   }
   return o;
+}
+
+void Weights::fuse_qkv() {
+  if (!wv.defined()) return;  // energy attention has no value projection
+  wqkv = at::cat({wq, wk, wv}, 0);
+  if (bq.defined()) bqkv = at::cat({bq, bk, bv}, 0);
 }
 
 std::vector<std::pair<std::string, at::Tensor>> Weights::named() const {
@@ -507,6 +529,9 @@ BlockField::BlockField(BlockConfig cfg, std::vector<at::Tensor> params, std::vec
                        at::Tensor x)
     : cfg_(std::move(cfg)), params_(std::move(params)), sn_u_(std::move(sn_u)), x_(std::move(x)) {
   check_params(cfg_, params_, sn_u_);
+  TORCH_CHECK_VALUE(x_.defined(), "x must be a tensor, got None");
+  TORCH_CHECK_VALUE(x_.dim() == 3 && x_.size(2) == cfg_.d_model, "x must be [B, T, C] with C = d_model = ",
+                    cfg_.d_model, ", got shape ", x_.sizes());
   check_inputs(cfg_, params_, x_, x_, /*check_x_finite=*/true);
 }
 
@@ -529,6 +554,7 @@ const Weights& BlockField::cached_weights() {
     at::NoGradGuard no_grad;
     cache_ = effective_weights(cfg_, params_, sn_u_);
     if (x_.is_complex()) cache_ = cache_.to(x_.scalar_type());
+    cache_.fuse_qkv();
     cache_versions_ = std::move(now);
   }
   return cache_;

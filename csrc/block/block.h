@@ -85,6 +85,9 @@ struct Weights {
   at::Tensor wq, wk, wv, wo, bq, bk, bv, bo, q_norm, k_norm, energy_gain;
   at::Tensor w1, b1, w2, b2;    // mlp
   at::Tensor w_mono, b_mono;    // monotone: W̃ and its bias
+  at::Tensor wqkv, bqkv;        // optional [3C, C] / [3C] concatenation of q, k, v (one GEMM); set
+                                // by fuse_qkv() for the cached weights of the relaxation loop
+  void fuse_qkv();
   Weights to(at::ScalarType dtype) const;  // promote all (e.g. to complex)
   std::vector<std::pair<std::string, at::Tensor>> named() const;
 };

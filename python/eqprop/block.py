@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _C
+from .solvers import fixed_point
 
 __all__ = ["EquilibriumBlock", "EquilibriumLM"]
 
@@ -256,6 +257,8 @@ class EquilibriumLM(nn.Module):
         self.ln_f = nn.LayerNorm(d_model, device=device, dtype=dtype)
         self.head = nn.Linear(d_model, self.vocab_size, bias=False, device=device, dtype=dtype)
         self.fixed_point = dict(max_steps=30, tol=1e-4) if fixed_point is None else dict(fixed_point)
+        if "return_info" in self.fixed_point:
+            raise TypeError("fixed_point options must not set return_info (the LM keeps the info in last_info)")
         self.last_info = None
 
     def inject(self, tokens: Tensor) -> Tensor:
@@ -277,13 +280,13 @@ class EquilibriumLM(nn.Module):
         return x
 
     def equilibrium(self, x: Tensor) -> Tensor:
-        """z* = F(z*; x) on the autograd graph (``eqprop.fixed_point``); x [B, L, C] -> [B, L, C]."""
-        from . import fixed_point as _fixed_point  # the engine's solver (eqprop.fixed_point)
+        """z* = F(z*; x) on the autograd graph, x [B, L, C] -> [B, L, C].
 
-        out = _fixed_point(self.block, x, **self.fixed_point)
-        if isinstance(out, tuple):
-            out, self.last_info = out
-        return out
+        Runs ``eqprop.fixed_point(self.block, x, **self.fixed_point)`` on the block's native field;
+        its ``RelaxInfo`` (per-sample steps, residuals, status) is kept in ``self.last_info``.
+        """
+        z, self.last_info = fixed_point(self.block, x, return_info=True, **self.fixed_point)
+        return z
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits [B, L, V]: position t predicts x_{t+1} from x_≤t."""
