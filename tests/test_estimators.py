@@ -148,3 +148,30 @@ def test_anderson_adjoint_gives_the_same_gradient_with_fewer_vjps():
     torch.testing.assert_close(gW, picard.grads["W"], rtol=1e-9, atol=1e-10)
     with pytest.raises(ValueError, match="backward_solver must be one of 'picard', 'anderson', got 'broyden'"):
         Implicit(backward_solver="broyden")
+
+
+def test_implicit_estimate_on_a_complex_field_follows_autograd_convention():
+    # Holomorphic field with a complex parameter W and a real parameter s: the estimator's grads
+    # must equal what autograd puts in .grad (conjugate Wirtinger for W, real part for s).
+    g = torch.Generator().manual_seed(3)
+    W = torch.nn.Parameter((torch.randn(4, 4, generator=g, dtype=torch.float64) * 0.3).to(torch.complex128))
+    s = torch.nn.Parameter(torch.tensor(0.8, dtype=torch.float64))
+
+    class Field(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W, self.s = W, s
+
+        def forward(self, z, x):
+            return torch.tanh(self.s * (z @ self.W.T) + x)
+
+    f = Field()
+    x = torch.complex(torch.randn(2, 4, generator=g, dtype=torch.float64),
+                      torch.randn(2, 4, generator=g, dtype=torch.float64)) * 0.5
+    loss_fn = lambda z: (z * z.conj()).real.sum() + (z**2).real.sum()
+    est = Implicit(backward_tol=1e-14, **OPTS).grad(f, x, loss_fn)
+    z = eqprop.fixed_point(f, x, backward="bptt", max_steps=400)
+    gW, gs = torch.autograd.grad(loss_fn(z), [W, s])
+    assert est.grads["s"].dtype == torch.float64 and est.grads["W"].dtype == torch.complex128
+    torch.testing.assert_close(est.grads["W"], gW, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(est.grads["s"], gs, rtol=1e-9, atol=1e-10)
