@@ -7,11 +7,12 @@ import eqprop
 from eqprop import diagnostics as dg
 from eqprop.reference import solvers as ref
 from equilibrium_fields import Linear, TanhLayer
+from testing import devices
 
 
-def _point(n=6, B=3, seed=0):
-    f = TanhLayer(n, scale=0.9, seed=seed)
-    x = torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 10))
+def _point(n=6, B=3, seed=0, device="cpu"):
+    f = TanhLayer(n, scale=0.9, seed=seed).to(device)
+    x = torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 10)).to(device)
     z, _ = eqprop.relax(f, x, tol=1e-12, max_steps=500)
     J = ref.dense_jacobian(f, x, z).detach()  # [B, n, n]
     return f, x, z, J
@@ -32,8 +33,9 @@ def test_residual():
     torch.testing.assert_close(r, (fz - z_off).norm(dim=1) / fz.norm(dim=1))
 
 
-def test_spectral_radius_and_norm_against_dense():
-    f, x, z, J = _point()
+@pytest.mark.parametrize("device", devices)
+def test_spectral_radius_and_norm_against_dense(device):
+    f, x, z, J = _point(device=device)
     rho = dg.spectral_radius(f, x, z, iters=400)
     torch.testing.assert_close(rho, torch.linalg.eigvals(J).abs().max(-1).values, rtol=5e-3, atol=0)
     sigma, hist = dg.spectral_norm(f, x, z, iters=200, return_history=True)
@@ -64,8 +66,9 @@ def test_spectral_norm_complex_field():
     torch.testing.assert_close(sigma, torch.linalg.matrix_norm(A, 2).reshape(1), rtol=1e-8, atol=0)
 
 
-def test_monte_carlo_estimates_within_three_standard_errors():
-    f, x, z, J = _point()
+@pytest.mark.parametrize("device", devices)
+def test_monte_carlo_estimates_within_three_standard_errors(device):
+    f, x, z, J = _point(device=device)
     numel = z.numel()
     Js, Ja = (J + J.mT) / 2, (J - J.mT) / 2
     for dist in ("rademacher", "gaussian"):

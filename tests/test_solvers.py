@@ -98,9 +98,10 @@ def test_picard_trace_closed_form(device):
     torch.testing.assert_close(info.rel_lowest, info.abs_lowest / (s[:, None] * z + x).norm(dim=1))
 
 
-def test_relax_matches_reference_loop():
-    f = TanhLayer(8)
-    x = torch.randn(4, 8, dtype=torch.float64)
+@pytest.mark.parametrize("device", devices)
+def test_relax_matches_reference_loop(device):
+    f = TanhLayer(8).to(device)
+    x = torch.randn(4, 8, dtype=torch.float64, device=device)
     z, info = eqprop.relax(f, x, eps=0.8, tol=1e-8, max_steps=500)
     zr, ir = ref.picard(f, x, eps=0.8, tol=1e-8, max_steps=500)
     torch.testing.assert_close(z, zr, rtol=1e-12, atol=1e-12)
@@ -109,9 +110,10 @@ def test_relax_matches_reference_loop():
         assert (f(z, x) - z).norm(dim=1).max() <= 1e-8 * f(z, x).norm(dim=1).max()
 
 
-def test_anderson_needs_fewer_evaluations_than_picard():
-    f = TanhLayer(32, scale=0.97, seed=3, symmetric=True)
-    x = 0.1 * torch.randn(6, 32, dtype=torch.float64)
+@pytest.mark.parametrize("device", devices)
+def test_anderson_needs_fewer_evaluations_than_picard(device):
+    f = TanhLayer(32, scale=0.97, seed=3, symmetric=True).to(device)
+    x = 0.1 * torch.randn(6, 32, dtype=torch.float64).to(device)
     zp, ip = eqprop.relax(f, x, tol=1e-8, max_steps=1000, solver="picard")
     za, ia = eqprop.relax(f, x, tol=1e-8, max_steps=1000, solver="anderson", anderson_m=5)
     assert ip.converged.all() and ia.converged.all()
@@ -119,15 +121,16 @@ def test_anderson_needs_fewer_evaluations_than_picard():
     torch.testing.assert_close(za, zp, rtol=1e-6, atol=1e-6)
 
 
-def test_divergence_reported_per_sample_and_best_iterate_kept():
+@pytest.mark.parametrize("device", devices)
+def test_divergence_reported_per_sample_and_best_iterate_kept(device):
     # Sample 0 contracts (s = 0.5); sample 1 expands (s = 3): its residual grows, so the best
     # iterate is z_0 = 0 and the status says diverged; sample 0 is unaffected.
-    s = torch.tensor([0.5, 3.0], dtype=torch.float64)
-    x = torch.ones(2, 3, dtype=torch.float64)
+    s = torch.tensor([0.5, 3.0], dtype=torch.float64, device=device)
+    x = torch.ones(2, 3, dtype=torch.float64, device=device)
     z, info = eqprop.relax(Scaled(s), x, tol=1e-10, stop="abs", max_steps=200)
     assert info.status_names == ["converged", "diverged"]
     torch.testing.assert_close(z[0], x[0] / 0.5)
-    assert torch.equal(z[1], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(z[1], torch.zeros(3, dtype=torch.float64, device=device))
     torch.testing.assert_close(info.abs_lowest[1], x[1].norm())
     # Divergence: ‖r_t‖ = ‖x‖ 3^t exceeds 1e4 ‖x‖ first at t = 9 (10th evaluation).
     assert int(info.steps[1]) == 10
@@ -218,11 +221,12 @@ def test_low_precision_relaxation(solver):
 
 # --- VectorField products -------------------------------------------------------------------------
 
-def test_products_against_dense_jacobian():
-    f = TanhLayer(5)
-    x = torch.randn(2, 5, dtype=torch.float64)
-    z = torch.randn(2, 5, dtype=torch.float64)
-    v = torch.randn(2, 5, dtype=torch.float64)
+@pytest.mark.parametrize("device", devices)
+def test_products_against_dense_jacobian(device):
+    f = TanhLayer(5).to(device)
+    x = torch.randn(2, 5, dtype=torch.float64, device=device)
+    z = torch.randn(2, 5, dtype=torch.float64, device=device)
+    v = torch.randn(2, 5, dtype=torch.float64, device=device)
     fld = eqprop.solvers.as_field(f, x)
     J = ref.dense_jacobian(f, x, z).detach()  # [B, n, n]
     torch.testing.assert_close(fld.jvp(z, v), torch.einsum("bij,bj->bi", J, v), rtol=1e-12, atol=1e-12)
@@ -290,10 +294,11 @@ def _fd_direction(fun, params, dirs, h=1e-6):
     return (up - down) / (2 * h)
 
 
-def test_fixed_point_implicit_gradient_equals_finite_differences():
+@pytest.mark.parametrize("device", devices)
+def test_fixed_point_implicit_gradient_equals_finite_differences(device):
     torch.manual_seed(0)
-    f = TanhLayer(6)
-    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    f = TanhLayer(6).to(device)
+    x = torch.randn(3, 6, dtype=torch.float64, device=device, requires_grad=True)
     opts = dict(tol=1e-14, stop="abs", max_steps=2000)
     z = eqprop.fixed_point(f, x, backward_tol=1e-14, backward_max_steps=2000, **opts)
     params = list(f.parameters()) + [x]
