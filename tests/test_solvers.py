@@ -406,3 +406,17 @@ def test_backward_budget_defaults_to_the_forward_one_and_is_reported():
     z.sum().backward()
     assert info.backward["n_vjps"] == 3 and info.backward["status"].tolist() == [1, 1]
     assert info.status_names == ["max_steps", "max_steps"]
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+def test_python_errors_inside_f_propagate_unchanged(solver):
+    # f runs inside the C++ loop (GIL released around it); its exception must come back as raised.
+    def f(z, x):
+        if z.abs().sum() > 0:
+            raise ValueError("boom from f")
+        return z + x
+
+    with pytest.raises(ValueError, match="boom from f"):
+        eqprop.relax(f, torch.ones(2, 3), solver=solver)
+    with pytest.raises(ValueError, match="boom from f"):
+        eqprop.diagnostics.spectral_radius(f, torch.ones(2, 3), torch.ones(2, 3))
