@@ -7,8 +7,8 @@ when ``loss_fn`` is an ``nn.Module`` (a readout head), for its parameters under 
 ``p.grad`` would hold), also for complex parameters.
 
 The Equilibrium Propagation estimators (one-sided / symmetric / holomorphic / asymmetric EP) will
-share this interface; their nudged phases are relaxations with an additive drive (``_C.relax(...,
-drive=)``), d(z) = -β ∂ℓ/∂z + c(z), complex β included.
+share this interface; their nudged phases are relaxations with an additive drive
+(``eqprop.relax(..., drive=d)``), d(z) = -β ∂ℓ/∂z + c(z), complex β included.
 """
 
 from __future__ import annotations
