@@ -1,7 +1,6 @@
 """Relaxation, the VectorField products, fixed_point and the fused damped step (DESIGN.md §4, §5)."""
 
 import cmath
-import math
 
 import pytest
 import torch

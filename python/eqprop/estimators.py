@@ -13,7 +13,6 @@ share this interface; their nudged phases are relaxations with an additive drive
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
