@@ -164,7 +164,8 @@ def relax(f: Any, x: Optional[torch.Tensor], *, z0: Optional[torch.Tensor] = Non
 
     Damped Picard ``z <- z + eps (F(z) - z)`` or type-II Anderson (``anderson_m`` history,
     regularization ``anderson_reg``, mixing ``eps``) from ``z0`` (default zeros like x).
-    Returns ``(z, info)``: z [B, ...] is the lowest-residual iterate per sample; ``info`` is a
+    Returns ``(z, info)``: z [B, ...] is the lowest-residual iterate per sample (among the
+    ``max_steps`` evaluated ones, z_0 ... z_{T-1}); ``info`` is a
     :class:`RelaxInfo`. Divergence is reported per sample in ``info.status``, never raised.
     ``drive(z)`` (optional, [B, ...] -> [B, ...]) is added to F: the relaxation then follows
     dz/dt = F(z) + drive(z) - z, the nudged phase of EP with drive = -β ∂ℓ/∂z + c(z) (DESIGN.md §5);
