@@ -8,7 +8,7 @@ import torch
 import eqprop
 from eqprop import _C
 from eqprop.reference import solvers as ref
-from equilibrium_fields import Linear, Scaled, TanhLayer
+from equilibrium_fields import Linear, Scaled, TanhLayer, one_thread  # noqa: F401  (autouse fixture)
 from testing import devices, needs_cuda
 
 
