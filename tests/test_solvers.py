@@ -95,6 +95,7 @@ def test_picard_trace_closed_form(device):
     assert info.status_names == ["converged"] * 3
     torch.testing.assert_close(z, x / (1 - s[:, None]), rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(info.rel_lowest, info.abs_lowest / (s[:, None] * z + x).norm(dim=1))
+    assert info.abs_max == float(info.abs_lowest.max()) <= 1e-9 and info.rel_max == float(info.rel_lowest.max())
 
 
 @pytest.mark.parametrize("device", devices)

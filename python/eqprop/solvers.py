@@ -84,6 +84,16 @@ class RelaxInfo:
         return [STATUS_NAMES[int(s)] for s in self.status.tolist()]
 
     @property
+    def abs_max(self) -> float:
+        """Batch max of the abs residual of the returned iterates (DESIGN.md §4)."""
+        return float(self.abs_lowest.max())
+
+    @property
+    def rel_max(self) -> float:
+        """Batch max of the rel residual of the returned iterates (DESIGN.md §4)."""
+        return float(self.rel_lowest.max())
+
+    @property
     def converged(self) -> torch.Tensor:
         return self.status == 0
 
