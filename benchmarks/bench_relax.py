@@ -203,11 +203,13 @@ def main(argv=None):
     except Exception:
         commit = "unknown"
     try:
-        import torchdeq
+        import importlib.metadata
 
-        torchdeq_version = getattr(torchdeq, "__version__", "installed")
+        import torchdeq  # noqa: F401
+
+        torchdeq_version = importlib.metadata.version("torchdeq")
     except Exception as err:
-        torchdeq_version = f"not installed ({type(err).__name__})"
+        torchdeq_version = f"not available ({type(err).__name__}: {err})"
     result = {
         "device": torch.cuda.get_device_name(device) if gpu else f"cpu ({os.cpu_count()} cores, {args.threads} thread(s))",
         "torch": torch.__version__,
