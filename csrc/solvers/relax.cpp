@@ -15,7 +15,7 @@
 #include <vector>
 
 #ifdef EQPROP_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/relax.cuh"
@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_step(const at::Tensor& z, 
       const c10::cuda::CUDAGuard guard(z.device());
       auto opts = z.options().dtype(st == at::kDouble ? at::kDouble : at::kFloat);
       at::Tensor res_sq = at::empty({batch}, opts), f_sq = at::empty({batch}, opts);
-      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
       cudaError_t err;
       if (st == at::kFloat) {
         err = eqprop::cuda::relax_damped_step_f32(z_new.data_ptr<float>(), res_sq.data_ptr<float>(),
