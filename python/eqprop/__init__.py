@@ -53,6 +53,13 @@ def build_info() -> dict:
     }
 
 
-from . import markov  # noqa: E402
+from . import diagnostics, estimators, markov, solvers  # noqa: E402
+from .block import EquilibriumBlock, EquilibriumLM  # noqa: E402
+from .solvers import fixed_point, relax  # noqa: E402
 
-__all__ = ["build_info", "markov", "__version__"]
+__all__ = [
+    "__version__", "build_info",
+    "markov",
+    "EquilibriumBlock", "EquilibriumLM", "relax", "fixed_point",
+    "solvers", "estimators", "diagnostics",
+]

@@ -1,0 +1,248 @@
+"""Time the relaxation engine against eager PyTorch loops (issue 4; DESIGN.md §4, §5).
+
+Per relaxation step (one F evaluation + update + residual bookkeeping), for the equilibrium block:
+
+* ``engine_picard`` / ``engine_anderson``: ``eqprop.relax`` (the loop in C++ over the native block field);
+* ``eager_reference``: the plain-PyTorch Picard loop (``eqprop.reference.solvers.picard``) over the
+  plain-PyTorch block (``eqprop.reference.block``): what a user would write without eqprop;
+* ``eager_cpp_block``: the same eager loop over the C++ block forward (isolates the solver loop);
+* ``torchdeq_fixed_point_iter``: TorchDEQ's fixed-point iteration over the C++ block, if installed.
+
+Per implicit backward: time per adjoint VJP, ``eqprop.fixed_point(...).backward()`` (C++ adjoint
+iteration) against an eager autograd loop λ <- Jᵀλ + g. Peak memory of the implicit backward and
+of full BPTT against the number of forward steps (fresh subprocess per point; CPU: peak RSS growth,
+CUDA: ``max_memory_allocated``).
+
+Run: ``python benchmarks/bench_relax.py`` (defaults: C=512, H=16, T=256, B=24 in fp32 and bf16 on a
+GPU; C=128, H=4, T=64, B=4 in fp32 on CPU, one thread). Results: ``benchmarks/results/relax.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import logging
+
+import torch
+
+import eqprop
+from eqprop.reference import block as ref_block
+from eqprop.reference import solvers as ref_solvers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device, repeats):
+    fn()  # warm-up (allocator, kernels)
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _make(args, device, dtype, seed=0):
+    torch.manual_seed(seed)
+    blk = eqprop.EquilibriumBlock(args.C, args.H, device=device, dtype=dtype).eval()
+    x = 0.5 * torch.randn(args.B, args.T, args.C, device=device, dtype=dtype)
+    params = dict(blk.named_parameters())
+    opts = blk._reference_options()
+    ref_F = lambda z, x: ref_block.block(z, x, params, **opts)  # noqa: E731
+    return blk, x, ref_F
+
+
+def bench_steps(args, device, dtype):
+    blk, x, ref_F = _make(args, device, dtype)
+    n = args.steps
+    out = {}
+    with torch.no_grad():
+        out["engine_picard"] = _time(lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0), device, args.repeats) / n
+        out["engine_anderson"] = _time(
+            lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, solver="anderson"), device, args.repeats) / n
+        out["eager_reference"] = _time(lambda: ref_solvers.picard(ref_F, x, max_steps=n, tol=0.0), device,
+                                       args.repeats) / n
+        out["eager_cpp_block"] = _time(lambda: ref_solvers.picard(blk, x, max_steps=n, tol=0.0), device,
+                                       args.repeats) / n
+        try:
+            from torchdeq.solver import get_solver
+
+            fp = get_solver("fixed_point_iter")
+            z0 = torch.zeros_like(x)
+            out["torchdeq_fixed_point_iter"] = _time(
+                lambda: fp(lambda z: blk(z, x), z0, max_iter=n, tol=0.0, stop_mode="rel"), device,
+                args.repeats) / n
+        except Exception as err:  # recorded, not hidden: the JSON says why TorchDEQ is missing
+            out["torchdeq_fixed_point_iter"] = f"unavailable: {type(err).__name__}: {err}"
+    return out
+
+
+def bench_backward(args, device, dtype):
+    blk, x, ref_F = _make(args, device, dtype)
+    k = args.backward_steps
+    with torch.no_grad():
+        z_star, _ = eqprop.relax(blk, x, max_steps=args.steps, tol=1e-6)
+
+    def engine():
+        z = eqprop.fixed_point(blk, x, z0=z_star, max_steps=1, tol=0.0, backward_max_steps=k, backward_tol=0.0)
+        z.float().square().mean().backward()
+
+    def eager():
+        zz = z_star.detach().requires_grad_(True)
+        g = torch.autograd.grad(zz.float().square().mean(), zz)[0]
+        lam = ref_solvers.adjoint(ref_F, x, z_star, g, max_steps=k, tol=0.0)
+        with torch.enable_grad():
+            torch.autograd.grad(ref_F(z_star, x), list(blk.parameters()), lam)
+
+    def eager_cpp():
+        zz = z_star.detach().requires_grad_(True)
+        g = torch.autograd.grad(zz.float().square().mean(), zz)[0]
+        lam = ref_solvers.adjoint(blk, x, z_star, g, max_steps=k, tol=0.0)
+        with torch.enable_grad():
+            torch.autograd.grad(blk(z_star, x), list(blk.parameters()), lam)
+
+    return {"engine_implicit": _time(engine, device, args.repeats) / k,
+            "eager_reference_adjoint": _time(eager, device, args.repeats) / k,
+            "eager_cpp_block_adjoint": _time(eager_cpp, device, args.repeats) / k}
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return -1
+
+
+def memory_point(args, device, dtype, mode, steps):
+    """Peak memory (bytes) of forward + backward of one fixed_point; run in a fresh process on CPU."""
+    blk, x, _ = _make(args, device, dtype)
+    kw = dict(max_steps=steps, tol=0.0)
+    if mode == "implicit":
+        kw.update(backward="implicit", backward_max_steps=args.backward_steps, backward_tol=0.0)
+    else:
+        kw.update(backward="bptt")  # plain BPTT through all `steps` forward steps
+    eqprop.fixed_point(blk, x, **kw).float().square().mean().backward()  # warm-up
+    blk.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        eqprop.fixed_point(blk, x, **kw).float().square().mean().backward()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with open("/proc/self/clear_refs", "w") as fh:  # reset the peak RSS (VmHWM) to the current RSS
+        fh.write("5")
+    base = _rss_kib("VmRSS:")
+    eqprop.fixed_point(blk, x, **kw).float().square().mean().backward()
+    return (_rss_kib("VmHWM:") - base) * 1024
+
+
+def bench_memory(args, device, dtype):
+    out = {}
+    for mode in ("implicit", "bptt"):
+        out[mode] = {}
+        for steps in args.memory_steps:
+            cmd = [sys.executable, __file__, "--memory-point", mode, str(steps), "--device", str(device),
+                   "--dtypes", str(dtype).replace("torch.", ""), "--C", str(args.C), "--H", str(args.H),
+                   "--T", str(args.T), "--B", str(args.B), "--threads", str(args.threads),
+                   "--backward-steps", str(args.backward_steps)]
+            # Blocks >= 64 KiB from mmap, returned on free: RSS then tracks live tensor memory.
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            out[mode][str(steps)] = int(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtypes", default=None, help="comma list, e.g. float32,bfloat16")
+    p.add_argument("--C", type=int, default=None)
+    p.add_argument("--H", type=int, default=None)
+    p.add_argument("--T", type=int, default=None)
+    p.add_argument("--B", type=int, default=None)
+    p.add_argument("--steps", type=int, default=20, help="forward steps per timing")
+    p.add_argument("--backward-steps", type=int, default=20, help="adjoint VJPs per timing")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: the shared dev box)")
+    p.add_argument("--memory-steps", type=int, nargs="*", default=[5, 10, 20, 40])
+    p.add_argument("--memory-point", nargs=2, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "relax.json"))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    for name, g, c in (("C", 512, 128), ("H", 16, 4), ("T", 256, 64), ("B", 24, 4)):
+        if getattr(args, name) is None:
+            setattr(args, name, g if gpu else c)
+    dtypes = [getattr(torch, d) for d in (args.dtypes or ("float32,bfloat16" if gpu else "float32")).split(",")]
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    # backward_tol=0 runs a fixed number of adjoint steps on purpose: no "did not converge" warnings.
+    logging.getLogger("eqprop").setLevel(logging.ERROR)
+
+    if args.memory_point is not None:
+        print(memory_point(args, device, dtypes[0], args.memory_point[0], int(args.memory_point[1])))
+        return
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE,
+                                check=True).stdout.strip()
+    except Exception:
+        commit = "unknown"
+    try:
+        import importlib.metadata
+
+        import torchdeq  # noqa: F401
+
+        torchdeq_version = importlib.metadata.version("torchdeq")
+    except Exception as err:
+        torchdeq_version = f"not available ({type(err).__name__}: {err})"
+    result = {
+        "device": torch.cuda.get_device_name(device) if gpu else f"cpu ({os.cpu_count()} cores, {args.threads} thread(s))",
+        "torch": torch.__version__,
+        "eqprop": eqprop.build_info(),
+        "git_commit": commit,
+        "torchdeq": torchdeq_version,
+        "config": {"C": args.C, "H": args.H, "T": args.T, "B": args.B, "forward_steps": args.steps,
+                   "backward_steps": args.backward_steps, "repeats": args.repeats, "timer": "best of repeats"},
+        "units": {"per_step": "seconds per relaxation step", "per_vjp": "seconds per adjoint VJP",
+                  "memory": "bytes (peak growth during forward + backward)"},
+        "runs": {},
+    }
+    for dtype in dtypes:
+        name = str(dtype).replace("torch.", "")
+        steps = bench_steps(args, device, dtype)
+        back = bench_backward(args, device, dtype)
+        run = {"per_step": steps, "per_vjp": back,
+               "speedup_per_step_vs_eager_reference": steps["eager_reference"] / steps["engine_picard"],
+               "speedup_per_step_vs_eager_cpp_block": steps["eager_cpp_block"] / steps["engine_picard"],
+               "speedup_per_vjp_vs_eager_reference": back["eager_reference_adjoint"] / back["engine_implicit"]}
+        if args.memory_steps:
+            run["memory_vs_forward_steps"] = bench_memory(args, device, dtype)
+        result["runs"][name] = run
+        print(f"[{name}] per step: " + ", ".join(
+            f"{k} {v * 1e3:.3f} ms" if isinstance(v, float) else f"{k} {v}" for k, v in steps.items()))
+        print(f"[{name}] per VJP:  " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in back.items()))
+        if args.memory_steps:
+            print(f"[{name}] memory:   {run['memory_vs_forward_steps']}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

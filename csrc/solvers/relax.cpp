@@ -1,0 +1,389 @@
+// Relaxation (damped Picard, Anderson), the adjoint iteration, BPTT unrolls and the fused
+// damped-update kernel's CPU twin (DESIGN.md §4, §5).
+#include "solvers/relax.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/complex.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#ifdef EQPROP_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/relax.cuh"
+#endif
+
+namespace eqprop::solvers {
+namespace {
+
+// Smallest norm used as a denominator: ‖F(z)‖ = 0 gives rel = abs/tiny (0 when abs = 0 too).
+constexpr double kTiny = 1e-30;
+
+at::ScalarType norm_dtype(at::ScalarType t) {
+  if (t == at::kHalf || t == at::kBFloat16) return at::kFloat;
+  return c10::toRealValueType(t);
+}
+
+// [B] mask → [B, 1, ..., 1] to select whole samples of a [B, ...] tensor.
+at::Tensor per_sample(const at::Tensor& mask, const at::Tensor& like) {
+  std::vector<int64_t> shape(like.dim(), 1);
+  shape[0] = like.size(0);
+  return mask.reshape(shape);
+}
+
+// The CPU twin of the fused kernel (csrc/cuda/relax.cu): one pass over each sample.
+template <typename scalar_t>
+void damped_step_cpu_kernel(scalar_t* z_new, double* res_sq, double* f_sq, const scalar_t* z,
+                            const scalar_t* fz, int64_t batch, int64_t n, double eps) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t e = static_cast<opmath_t>(eps);
+  at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double rs = 0.0, fs = 0.0;
+      const int64_t off = b * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const opmath_t zi = static_cast<opmath_t>(z[off + i]);
+        const opmath_t fi = static_cast<opmath_t>(fz[off + i]);
+        const opmath_t r = fi - zi;
+        z_new[off + i] = static_cast<scalar_t>(zi + e * r);
+        if constexpr (c10::is_complex<scalar_t>::value) {
+          rs += static_cast<double>(r.real()) * r.real() + static_cast<double>(r.imag()) * r.imag();
+          fs += static_cast<double>(fi.real()) * fi.real() + static_cast<double>(fi.imag()) * fi.imag();
+        } else {
+          rs += static_cast<double>(r) * static_cast<double>(r);
+          fs += static_cast<double>(fi) * static_cast<double>(fi);
+        }
+      }
+      res_sq[b] = rs;
+      f_sq[b] = fs;
+    }
+  });
+}
+
+void check_pair(const at::Tensor& z, const at::Tensor& fz) {
+  TORCH_CHECK_VALUE(z.defined() && fz.defined(), "z and fz must be tensors, got None");
+  TORCH_CHECK_VALUE(z.dim() >= 1 && z.size(0) >= 1, "z must be [B, ...] with B >= 1, got shape ",
+                    z.sizes());
+  TORCH_CHECK_VALUE(fz.sizes() == z.sizes(), "F(z) must have the shape of z ", z.sizes(), ", got ",
+                    fz.sizes());
+  TORCH_CHECK_VALUE(fz.scalar_type() == z.scalar_type(), "F(z) must have the dtype of z (",
+                    z.scalar_type(), "), got ", fz.scalar_type());
+  TORCH_CHECK_VALUE(fz.device() == z.device(), "F(z) must be on the device of z (", z.device(),
+                    "), got ", fz.device());
+}
+
+}  // namespace
+
+at::Tensor sq_norm_per_sample(const at::Tensor& t) {
+  const at::Tensor flat = t.reshape({t.size(0), -1});
+  if (t.is_complex()) return at::real(flat * flat.conj()).sum(1);
+  return flat.pow(2).sum(1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_step(const at::Tensor& z, const at::Tensor& fz,
+                                                           double eps) {
+  check_pair(z, fz);
+  TORCH_CHECK_VALUE(std::isfinite(eps), "eps must be finite, got ", eps);
+  const int64_t batch = z.size(0);
+  const int64_t n = batch > 0 ? z.numel() / batch : 0;
+  const at::Tensor zc = z.contiguous(), fc = fz.contiguous();
+  at::Tensor z_new = at::empty_like(zc);
+#ifdef EQPROP_WITH_CUDA
+  if (z.is_cuda()) {
+    const auto st = z.scalar_type();
+    if (st == at::kFloat || st == at::kDouble || st == at::kBFloat16) {
+      TORCH_CHECK_VALUE(batch <= 65535, "the CUDA damped step takes at most 65535 samples, got B=", batch);
+      const c10::cuda::CUDAGuard guard(z.device());
+      auto opts = z.options().dtype(st == at::kDouble ? at::kDouble : at::kFloat);
+      at::Tensor res_sq = at::empty({batch}, opts), f_sq = at::empty({batch}, opts);
+      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+      cudaError_t err;
+      if (st == at::kFloat) {
+        err = eqprop::cuda::relax_damped_step_f32(z_new.data_ptr<float>(), res_sq.data_ptr<float>(),
+                                                  f_sq.data_ptr<float>(), zc.data_ptr<float>(),
+                                                  fc.data_ptr<float>(), batch, n, eps, stream);
+      } else if (st == at::kDouble) {
+        err = eqprop::cuda::relax_damped_step_f64(z_new.data_ptr<double>(), res_sq.data_ptr<double>(),
+                                                  f_sq.data_ptr<double>(), zc.data_ptr<double>(),
+                                                  fc.data_ptr<double>(), batch, n, eps, stream);
+      } else {
+        err = eqprop::cuda::relax_damped_step_bf16(z_new.data_ptr(), res_sq.data_ptr<float>(),
+                                                   f_sq.data_ptr<float>(), zc.data_ptr(), fc.data_ptr(),
+                                                   batch, n, eps, stream);
+      }
+      TORCH_CHECK(err == cudaSuccess, "relax_damped_step CUDA kernel failed: ", cudaGetErrorString(err));
+      return {z_new.view(z.sizes()), res_sq, f_sq};
+    }
+    // Other dtypes (half, complex) on CUDA: plain ATen ops, the same math.
+    const at::Tensor r = fz - z;
+    return {z + eps * r, sq_norm_per_sample(r).to(norm_dtype(st)), sq_norm_per_sample(fz).to(norm_dtype(st))};
+  }
+#endif
+  TORCH_CHECK_VALUE(z.device().is_cpu() || z.device().is_cuda(), "z must be on a CPU or CUDA device, got ",
+                    z.device());
+  TORCH_CHECK(z.device().is_cpu(), "z is on ", z.device(), " but eqprop was built without CUDA kernels");
+  at::Tensor res_sq = at::empty({batch}, z.options().dtype(at::kDouble));
+  at::Tensor f_sq = at::empty({batch}, z.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "damped_step", [&] {
+    damped_step_cpu_kernel<scalar_t>(z_new.data_ptr<scalar_t>(), res_sq.data_ptr<double>(),
+                                     f_sq.data_ptr<double>(), zc.data_ptr<scalar_t>(),
+                                     fc.data_ptr<scalar_t>(), batch, n, eps);
+  });
+  const auto nd = norm_dtype(z.scalar_type());
+  return {z_new.view(z.sizes()), res_sq.to(nd), f_sq.to(nd)};
+}
+
+Stop parse_stop(const std::string& s) {
+  if (s == "rel") return Stop::rel;
+  if (s == "abs") return Stop::abs;
+  TORCH_CHECK_VALUE(false, "stop must be one of 'rel', 'abs', got '", s, "'");
+}
+
+Method parse_method(const std::string& s) {
+  if (s == "picard") return Method::picard;
+  if (s == "anderson") return Method::anderson;
+  TORCH_CHECK_VALUE(false, "solver must be one of 'picard', 'anderson', got '", s, "'");
+}
+
+void check_options(const RelaxOptions& o) {
+  TORCH_CHECK_VALUE(o.max_steps >= 1, "max_steps must be >= 1, got ", o.max_steps);
+  TORCH_CHECK_VALUE(std::isfinite(o.eps) && o.eps > 0.0, "eps (damping) must be finite and > 0, got ", o.eps);
+  TORCH_CHECK_VALUE(std::isfinite(o.tol) && o.tol >= 0.0, "tol must be finite and >= 0, got ", o.tol);
+  TORCH_CHECK_VALUE(o.anderson_m >= 1, "anderson_m must be >= 1, got ", o.anderson_m);
+  TORCH_CHECK_VALUE(std::isfinite(o.anderson_reg) && o.anderson_reg >= 0.0,
+                    "anderson_reg must be finite and >= 0, got ", o.anderson_reg);
+  TORCH_CHECK_VALUE(o.divergence > 1.0, "divergence must be > 1, got ", o.divergence);
+}
+
+namespace {
+
+void check_state(const at::Tensor& z0) {
+  TORCH_CHECK_VALUE(z0.defined(), "z0 must be a tensor, got None");
+  TORCH_CHECK_VALUE(z0.is_floating_point() || z0.is_complex(),
+                    "z0 must be a floating-point or complex tensor, got ", z0.scalar_type());
+  TORCH_CHECK_VALUE(z0.dim() >= 1 && z0.size(0) >= 1 && z0.numel() > 0,
+                    "z0 must be [B, ...] with B >= 1 and no empty dimension, got shape ", z0.sizes());
+  TORCH_CHECK_VALUE(at::isfinite(z0).all().item<bool>(), "z0 must be finite, got non-finite entries");
+}
+
+// Type-II Anderson mixing (per sample): α = argmin ‖Σ αᵢ Gᵢ‖ s.t. Σ αᵢ = 1, Gᵢ = F(zᵢ) − zᵢ,
+// from the bordered system [[0, 1ᵀ], [1, GᴴG + λI]] [ν; α] = [1; 0]; then
+// z ← β Σ αᵢ F(zᵢ) + (1 − β) Σ αᵢ zᵢ. Samples whose system fails fall back to the Picard step.
+class Anderson {
+ public:
+  Anderson(const at::Tensor& z0, int64_t m, double beta, double reg)
+      : m_(m), beta_(beta), reg_(reg), batch_(z0.size(0)), n_(z0.numel() / z0.size(0)) {
+    // Half / bfloat16 states mix in float32: the Gram matrix and its solve need the precision
+    // (and linalg has no half kernels).
+    const auto st = z0.scalar_type();
+    const auto work = (st == at::kHalf || st == at::kBFloat16) ? at::kFloat : st;
+    X_ = at::zeros({batch_, m, n_}, z0.options().dtype(work));
+    F_ = at::zeros({batch_, m, n_}, z0.options().dtype(work));
+  }
+  at::Tensor step(const at::Tensor& z, const at::Tensor& fz, const at::Tensor& picard, int64_t t) {
+    const int64_t slot = t % m_, k = std::min<int64_t>(t + 1, m_);
+    X_.select(1, slot).copy_(z.reshape({batch_, n_}));
+    F_.select(1, slot).copy_(fz.reshape({batch_, n_}));
+    if (k == 1) return picard;  // one point: Anderson is the damped step
+    const at::Tensor X = X_.narrow(1, 0, k), F = F_.narrow(1, 0, k);
+    const at::Tensor G = F - X;                              // [B, k, n]
+    at::Tensor H = at::matmul(G.conj(), G.mT());             // [B, k, n] @ [B, n, k] -> [B, k, k]
+    const at::Tensor diag_mean = at::real(H.diagonal(0, -2, -1)).mean(-1);  // [B]
+    const at::Tensor lam = diag_mean * reg_ + kTiny;
+    H = H + at::diag_embed(lam.unsqueeze(-1).expand({batch_, k}).to(H.scalar_type()));
+    at::Tensor A = at::zeros({batch_, k + 1, k + 1}, H.options());
+    A.narrow(1, 1, k).narrow(2, 1, k).copy_(H);
+    A.select(1, 0).narrow(1, 1, k).fill_(1);
+    A.select(2, 0).narrow(1, 1, k).fill_(1);
+    at::Tensor rhs = at::zeros({batch_, k + 1, 1}, H.options());
+    rhs.select(1, 0).fill_(1);
+    auto [sol, info] = at::linalg_solve_ex(A, rhs);
+    const at::Tensor alpha = sol.narrow(1, 1, k).squeeze(-1);  // [B, k]
+    const at::Tensor a3 = alpha.unsqueeze(1);                  // [B, 1, k]
+    // [B, 1, k] @ [B, k, n] -> [B, 1, n]
+    const at::Tensor mixed = (at::matmul(a3, F) * beta_ + at::matmul(a3, X) * (1.0 - beta_)).squeeze(1);
+    const at::Tensor ok = (info == 0).logical_and(at::isfinite(alpha).all(-1));  // [B]
+    return at::where(per_sample(ok, picard), mixed.view(picard.sizes()).to(picard.scalar_type()), picard);
+  }
+
+ private:
+  int64_t m_;
+  double beta_, reg_;
+  int64_t batch_, n_;
+  at::Tensor X_, F_;  // ring buffers [B, m, n] of iterates and their F values
+};
+
+}  // namespace
+
+RelaxResult relax(VectorField& field, const at::Tensor& z0, const RelaxOptions& opt, const Drive& drive) {
+  check_options(opt);
+  check_state(z0);
+  c10::NoGradGuard no_grad;  // the free phase is never differentiated through (implicit / BPTT tails)
+  const int64_t B = z0.size(0);
+  const auto ropts = z0.options().dtype(norm_dtype(z0.scalar_type()));
+  const auto iopts = z0.options().dtype(at::kLong);
+
+  at::Tensor z = z0.detach().clone();
+  at::Tensor best_z = z.clone();
+  at::Tensor best_metric = at::full({B}, std::numeric_limits<double>::infinity(), ropts);
+  at::Tensor best_abs = at::full({B}, std::numeric_limits<double>::quiet_NaN(), ropts);
+  at::Tensor best_rel = best_abs.clone();
+  at::Tensor active = at::ones({B}, z0.options().dtype(at::kBool));
+  at::Tensor steps = at::full({B}, opt.max_steps, iopts);
+  at::Tensor status = at::full({B}, static_cast<int8_t>(Status::max_steps), z0.options().dtype(at::kChar));
+  at::Tensor first_abs;
+  std::vector<at::Tensor> trace_abs, trace_rel;
+  std::unique_ptr<Anderson> anderson;
+  if (opt.method == Method::anderson) anderson = std::make_unique<Anderson>(z, opt.anderson_m, opt.eps, opt.anderson_reg);
+
+  int64_t t = 0;
+  for (; t < opt.max_steps; ++t) {
+    at::Tensor fz = field.eval(z);
+    if (drive) fz = fz + drive(z);
+    check_pair(z, fz);
+    auto [z_picard, res_sq, f_sq] = damped_step(z, fz, opt.eps);
+    const at::Tensor abs_res = res_sq.sqrt();                                   // [B]
+    const at::Tensor rel_res = abs_res / f_sq.sqrt().clamp_min(kTiny);          // [B]
+    if (opt.trace) {
+      trace_abs.push_back(abs_res);
+      trace_rel.push_back(rel_res);
+    }
+    if (t == 0) first_abs = abs_res.clamp_min(kTiny);
+    const at::Tensor metric = opt.stop == Stop::rel ? rel_res : abs_res;
+
+    // Keep the lowest-residual iterate per sample (NaN never improves).
+    const at::Tensor improved = active.logical_and(metric < best_metric);
+    best_z = at::where(per_sample(improved, z), z, best_z);
+    best_metric = at::where(improved, metric, best_metric);
+    best_abs = at::where(improved, abs_res, best_abs);
+    best_rel = at::where(improved, rel_res, best_rel);
+
+    const at::Tensor converged = active.logical_and(metric <= opt.tol);
+    const at::Tensor diverged = active.logical_and(converged.logical_not())
+                                    .logical_and(at::isfinite(abs_res).logical_not().logical_or(
+                                        abs_res > first_abs * opt.divergence));
+    steps = at::where(converged.logical_or(diverged), t + 1, steps);
+    status = at::where(converged, static_cast<int8_t>(Status::converged), status);
+    status = at::where(diverged, static_cast<int8_t>(Status::diverged), status);
+    active = active.logical_and(converged.logical_not()).logical_and(diverged.logical_not());
+    if (!active.any().item<bool>()) {
+      ++t;
+      break;
+    }
+    const at::Tensor z_next = anderson ? anderson->step(z, fz, z_picard, t) : z_picard;
+    // Stopped samples stay at their best iterate: finite, and independent of the rest of the batch.
+    z = at::where(per_sample(active, z), z_next, best_z);
+  }
+
+  RelaxResult r;
+  r.z = best_z;
+  r.steps = steps;
+  r.abs_residual = best_abs;
+  r.rel_residual = best_rel;
+  r.trace_abs = opt.trace ? at::stack(trace_abs) : at::empty({0, B}, ropts);
+  r.trace_rel = opt.trace ? at::stack(trace_rel) : at::empty({0, B}, ropts);
+  r.status = status;
+  r.n_evals = t;
+  return r;
+}
+
+namespace {
+
+// λ ↦ Jᵀλ + g as a vector field, so the adjoint system is relaxed by the forward solvers.
+class AdjointField : public VectorField {
+ public:
+  AdjointField(Linearization& lin, at::Tensor g) : lin_(lin), g_(std::move(g)) {}
+  at::Tensor eval(const at::Tensor& lam) override { return lin_.vjp(lam) + g_; }
+  at::Tensor vjp(const at::Tensor&, const at::Tensor&) override { return unsupported(); }
+  at::Tensor jvp(const at::Tensor&, const at::Tensor&) override { return unsupported(); }
+  std::vector<at::Tensor> param_vjp(const at::Tensor&, const at::Tensor&) override { return {unsupported()}; }
+  std::vector<at::Tensor> parameters() override { return {}; }
+
+ private:
+  static at::Tensor unsupported() {
+    TORCH_CHECK(false, "the adjoint field only evaluates λ ↦ Jᵀλ + g");
+  }
+  Linearization& lin_;
+  at::Tensor g_;
+};
+
+}  // namespace
+
+AdjointResult adjoint_solve(Linearization& lin, const at::Tensor& g, int64_t max_steps, double tol,
+                            Method method, int64_t anderson_m, double divergence) {
+  TORCH_CHECK_VALUE(max_steps >= 1, "backward_max_steps must be >= 1, got ", max_steps);
+  TORCH_CHECK_VALUE(std::isfinite(tol) && tol >= 0.0, "backward_tol must be finite and >= 0, got ", tol);
+  const at::Tensor& z = lin.point();
+  TORCH_CHECK_VALUE(g.defined() && g.sizes() == z.sizes(), "g (∂ℓ/∂z*) must have the shape of z* ",
+                    z.sizes(), ", got ", g.sizes());
+  TORCH_CHECK_VALUE(g.device() == z.device(), "g must be on the device of z* (", z.device(), "), got ",
+                    g.device());
+  const at::Tensor gg = g.detach().to(z.scalar_type());
+  TORCH_CHECK_VALUE(at::isfinite(gg).all().item<bool>(), "g (∂ℓ/∂z*) must be finite, got non-finite entries");
+  AdjointField adjoint(lin, gg);
+  RelaxOptions o;
+  o.max_steps = max_steps;
+  o.eps = 1.0;
+  o.tol = tol;
+  o.stop = Stop::rel;
+  o.method = method;
+  o.anderson_m = anderson_m;
+  o.divergence = divergence;
+  o.trace = false;
+  const RelaxResult r = relax(adjoint, gg, o);
+  AdjointResult out;
+  out.lambda = r.z;
+  out.steps = r.steps;
+  out.residual = r.rel_residual;
+  out.status = r.status;
+  out.n_vjps = r.n_evals;
+  return out;
+}
+
+at::Tensor unroll(VectorField& field, const at::Tensor& z, int64_t steps, double eps) {
+  TORCH_CHECK_VALUE(steps >= 0, "bptt_horizon must be >= 0, got ", steps);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, "eps (damping) must be finite and > 0, got ", eps);
+  at::Tensor zt = z;
+  for (int64_t t = 0; t < steps; ++t) {
+    const at::Tensor fz = field.eval(zt);
+    check_pair(zt, fz);
+    zt = zt + (fz - zt) * eps;  // DESIGN.md §4, differentiable
+  }
+  return zt;
+}
+
+}  // namespace eqprop::solvers
+
+// torch.ops.eqprop.relax_damped_step: the fused kernel as a tensor op (tests, benchmarks).
+namespace {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relax_damped_step_op(const at::Tensor& z, const at::Tensor& fz,
+                                                                    double eps) {
+  return eqprop::solvers::damped_step(z, fz, eps);
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relax_damped_step_meta(const at::Tensor& z, const at::Tensor& fz,
+                                                                      double eps) {
+  const auto nd = (z.scalar_type() == at::kHalf || z.scalar_type() == at::kBFloat16)
+                      ? at::kFloat
+                      : c10::toRealValueType(z.scalar_type());
+  return {at::empty_like(z), at::empty({z.size(0)}, z.options().dtype(nd)),
+          at::empty({z.size(0)}, z.options().dtype(nd))};
+}
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(eqprop, m) {
+  m.def("relax_damped_step(Tensor z, Tensor fz, float eps) -> (Tensor, Tensor, Tensor)");
+}
+TORCH_LIBRARY_IMPL(eqprop, CompositeExplicitAutograd, m) {
+  m.impl("relax_damped_step", &relax_damped_step_op);
+}
+TORCH_LIBRARY_IMPL(eqprop, Meta, m) {
+  m.impl("relax_damped_step", &relax_damped_step_meta);
+}

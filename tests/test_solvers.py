@@ -1,0 +1,422 @@
+"""Relaxation, the VectorField products, fixed_point and the fused damped step (DESIGN.md §4, §5)."""
+
+import cmath
+
+import pytest
+import torch
+
+import eqprop
+from eqprop import _C
+from eqprop.reference import solvers as ref
+from equilibrium_fields import Linear, Scaled, TanhLayer, one_thread  # noqa: F401  (autouse fixture)
+from testing import devices, needs_cuda
+
+
+# --- the fused damped update and its CPU twin --------------------------------------------------------
+
+def _check_damped_step(device, dtype):
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(5, 3, 7, generator=g, dtype=torch.float64)
+    fz = torch.randn(5, 3, 7, generator=g, dtype=torch.float64)
+    if dtype.is_complex:
+        z = torch.complex(z, torch.randn(z.shape, generator=g, dtype=torch.float64))
+        fz = torch.complex(fz, torch.randn(z.shape, generator=g, dtype=torch.float64))
+    z, fz = z.to(device=device, dtype=dtype), fz.to(device=device, dtype=dtype)
+    z_new, res_sq, f_sq = torch.ops.eqprop.relax_damped_step(z, fz, 0.3)
+    zd, fd = z.to(torch.complex128 if dtype.is_complex else torch.float64), fz.to(
+        torch.complex128 if dtype.is_complex else torch.float64)
+    exp_z = zd + 0.3 * (fd - zd)
+    exp_r = (fd - zd).abs().pow(2).reshape(5, -1).sum(1)
+    exp_f = fd.abs().pow(2).reshape(5, -1).sum(1)
+    tol = {torch.float64: 1e-12, torch.complex128: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert z_new.dtype == dtype and z_new.shape == z.shape
+    assert res_sq.dtype == (torch.float32 if dtype == torch.bfloat16 else exp_r.dtype if dtype == torch.float64
+                            else torch.float64 if dtype == torch.complex128 else torch.float32)
+    torch.testing.assert_close(z_new.to(exp_z.dtype), exp_z, rtol=tol, atol=tol)
+    torch.testing.assert_close(res_sq.double(), exp_r.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(f_sq.double(), exp_f.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128, torch.bfloat16])
+def test_damped_step_matches_plain_torch(device, dtype):
+    _check_damped_step(device, dtype)
+
+
+def test_damped_step_opcheck_and_errors():
+    z = torch.randn(4, 6)
+    torch.library.opcheck(torch.ops.eqprop.relax_damped_step.default, (z, torch.randn(4, 6), 0.5))
+    with pytest.raises(ValueError, match=r"F\(z\) must have the shape of z"):
+        torch.ops.eqprop.relax_damped_step(z, torch.randn(4, 5), 0.5)
+    with pytest.raises(ValueError, match="dtype of z"):
+        torch.ops.eqprop.relax_damped_step(z, torch.randn(4, 6, dtype=torch.float64), 0.5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_damped_step_cuda_matches_cpu(dtype):
+    z = torch.randn(24, 256, 64).to(dtype)
+    fz = torch.randn(24, 256, 64).to(dtype)
+    cpu = torch.ops.eqprop.relax_damped_step(z, fz, 0.7)
+    gpu = torch.ops.eqprop.relax_damped_step(z.cuda(), fz.cuda(), 0.7)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tol, atol=tol)
+
+
+@needs_cuda
+def test_relax_cuda_matches_cpu():
+    f = TanhLayer(16, dtype=torch.float64)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    z_cpu, info_cpu = eqprop.relax(f, x, tol=1e-10, max_steps=300)
+    f_gpu = TanhLayer(16, dtype=torch.float64).cuda()
+    z_gpu, info_gpu = eqprop.relax(f_gpu, x.cuda(), tol=1e-10, max_steps=300)
+    torch.testing.assert_close(z_gpu.cpu(), z_cpu, rtol=1e-9, atol=1e-9)
+    assert torch.equal(info_gpu.steps.cpu(), info_cpu.steps)
+
+
+# --- relaxation ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", devices)
+def test_picard_trace_closed_form(device):
+    # F(z) = s z + x: the residual of iterate t is r_t = r_0 (1 + ε(s − 1))^t, r_0 = ‖x‖ (z_0 = 0).
+    s = torch.tensor([0.5, -0.3, 0.9], dtype=torch.float64, device=device)
+    x = torch.randn(3, 4, dtype=torch.float64, device=device)
+    eps = 0.7
+    z, info = eqprop.relax(Scaled(s), x, eps=eps, tol=1e-9, stop="abs", max_steps=400)
+    rate = (1 + eps * (s - 1)).abs()
+    t = torch.arange(info.trace_abs.shape[0], dtype=torch.float64, device=device)[:, None]
+    expected = x.norm(dim=1) * rate**t
+    active = t < info.steps[None, :]  # stopped samples repeat their best iterate afterwards
+    torch.testing.assert_close(info.trace_abs[active], expected[active], rtol=1e-10, atol=1e-13)  # cancellation ~1e-16·‖z‖
+    # First t with r_t ≤ tol, counted in F evaluations.
+    steps = torch.ceil(torch.log(1e-9 / x.norm(dim=1)) / torch.log(rate)).long() + 1
+    assert torch.equal(info.steps, steps)
+    assert info.status_names == ["converged"] * 3
+    torch.testing.assert_close(z, x / (1 - s[:, None]), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(info.rel_lowest, info.abs_lowest / (s[:, None] * z + x).norm(dim=1))
+    assert info.abs_max == float(info.abs_lowest.max()) <= 1e-9 and info.rel_max == float(info.rel_lowest.max())
+
+
+@pytest.mark.parametrize("device", devices)
+def test_relax_matches_reference_loop(device):
+    f = TanhLayer(8).to(device)
+    x = torch.randn(4, 8, dtype=torch.float64, device=device)
+    z, info = eqprop.relax(f, x, eps=0.8, tol=1e-8, max_steps=500)
+    zr, ir = ref.picard(f, x, eps=0.8, tol=1e-8, max_steps=500)
+    torch.testing.assert_close(z, zr, rtol=1e-12, atol=1e-12)
+    assert torch.equal(info.steps, ir["steps"])
+    with torch.no_grad():
+        assert (f(z, x) - z).norm(dim=1).max() <= 1e-8 * f(z, x).norm(dim=1).max()
+
+
+@pytest.mark.parametrize("device", devices)
+def test_anderson_needs_fewer_evaluations_than_picard(device):
+    f = TanhLayer(32, scale=0.97, seed=3, symmetric=True).to(device)
+    x = 0.1 * torch.randn(6, 32, dtype=torch.float64).to(device)
+    zp, ip = eqprop.relax(f, x, tol=1e-8, max_steps=1000, solver="picard")
+    za, ia = eqprop.relax(f, x, tol=1e-8, max_steps=1000, solver="anderson", anderson_m=5)
+    assert ip.converged.all() and ia.converged.all()
+    assert ia.n_evals < 0.5 * ip.n_evals, (ia.n_evals, ip.n_evals)
+    torch.testing.assert_close(za, zp, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_divergence_reported_per_sample_and_best_iterate_kept(device):
+    # Sample 0 contracts (s = 0.5); sample 1 expands (s = 3): its residual grows, so the best
+    # iterate is z_0 = 0 and the status says diverged; sample 0 is unaffected.
+    s = torch.tensor([0.5, 3.0], dtype=torch.float64, device=device)
+    x = torch.ones(2, 3, dtype=torch.float64, device=device)
+    z, info = eqprop.relax(Scaled(s), x, tol=1e-10, stop="abs", max_steps=200)
+    assert info.status_names == ["converged", "diverged"]
+    torch.testing.assert_close(z[0], x[0] / 0.5)
+    assert torch.equal(z[1], torch.zeros(3, dtype=torch.float64, device=device))
+    torch.testing.assert_close(info.abs_lowest[1], x[1].norm())
+    # Divergence: ‖r_t‖ = ‖x‖ 3^t exceeds 1e4 ‖x‖ first at t = 9 (10th evaluation).
+    assert int(info.steps[1]) == 10
+    # With stop="rel" the expanding sample's rel residual falls towards 2/3 but it still diverges.
+    _, info = eqprop.relax(Scaled(s), x, tol=1e-10, stop="rel", max_steps=200)
+    assert info.status_names == ["converged", "diverged"]
+
+
+def test_non_finite_field_is_diverged_not_raised():
+    f = lambda z, x: torch.where(z.abs() > 0.5, torch.full_like(z, float("nan")), z * 0.5 + x)
+    x = torch.tensor([[0.1], [0.4]], dtype=torch.float64)  # sample 1's fixed point 0.8 > 0.5
+    z, info = eqprop.relax(f, x, tol=1e-12, max_steps=100)
+    assert info.status_names == ["converged", "diverged"]
+    assert torch.isfinite(z).all()
+
+
+def test_max_steps_status():
+    s = torch.tensor([0.99], dtype=torch.float64)
+    z, info = eqprop.relax(Scaled(s), torch.ones(1, 2, dtype=torch.float64), tol=1e-12, max_steps=5)
+    assert info.status_names == ["max_steps"] and int(info.steps[0]) == 5 and info.n_evals == 5
+    assert info.trace_abs.shape == (5, 1)
+
+
+def test_rel_and_abs_stop():
+    s = torch.tensor([0.5], dtype=torch.float64)
+    x = torch.full((1, 1), 1e3, dtype=torch.float64)
+    _, ia = eqprop.relax(Scaled(s), x, tol=1e-3, stop="abs", max_steps=100)
+    _, ir = eqprop.relax(Scaled(s), x, tol=1e-3, stop="rel", max_steps=100)
+    # abs: 1e3·0.5^t ≤ 1e-3 → t = 20; rel: 0.5^t/(2 − 0.5^t) ≤ 1e-3 → t = 9 (0-based).
+    assert int(ia.steps[0]) == 21 and int(ir.steps[0]) == 10
+
+
+def test_warm_start_and_handle_and_vector_field_forms():
+    f = TanhLayer(6)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    z, info = eqprop.relax(f, x, tol=1e-10, max_steps=300)
+    # Started at the fixed point: converged at the first evaluation.
+    _, info2 = eqprop.relax(f, x, z0=z, tol=1e-9)
+    assert info2.steps.tolist() == [1, 1, 1]
+    handle = eqprop.solvers.as_field(f, x)
+    z3, _ = eqprop.relax(handle, None, z0=torch.zeros_like(x), tol=1e-10, max_steps=300)
+    torch.testing.assert_close(z3, z)
+
+    class HasField:
+        def vector_field(self, x):
+            return _C.ModuleField(f, x, [], [])
+
+    z4, _ = eqprop.relax(HasField(), x, tol=1e-10, max_steps=300)
+    torch.testing.assert_close(z4, z)
+
+
+def test_drive_shifts_the_fixed_point():
+    # dz/dt = A z + x − β(z − y) − z: fixed point (I(1 + β) − A) z = x + β y (the nudged-phase slot).
+    A = 0.3 * torch.eye(3, dtype=torch.float64) + 0.1 * torch.randn(3, 3, dtype=torch.float64)
+    f = Linear(A)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    y = torch.randn(2, 3, dtype=torch.float64)
+    beta = 0.4
+    expected = torch.linalg.solve((1 + beta) * torch.eye(3, dtype=torch.float64) - A, (x + beta * y).T).T
+    for solver in ("picard", "anderson"):
+        z, info = eqprop.relax(f, x, eps=0.5, tol=1e-12, stop="abs", max_steps=500, solver=solver,
+                               drive=lambda z: -beta * (z - y))
+        assert info.converged.all()
+        torch.testing.assert_close(z, expected, rtol=1e-9, atol=1e-9)
+    # Complex β (holomorphic EP): the same closed form in complex arithmetic.
+    beta_c = 0.3 * cmath.exp(0.7j)
+    Ac, xc, yc = A.to(torch.complex128), x.to(torch.complex128), y.to(torch.complex128)
+    zc, info = eqprop.relax(lambda z, x: z @ Ac.T + x, xc, tol=1e-12, stop="abs", max_steps=500,
+                            solver="anderson", drive=lambda z: -beta_c * (z - yc))
+    expected_c = torch.linalg.solve((1 + beta_c) * torch.eye(3, dtype=torch.complex128) - Ac,
+                                    (xc + beta_c * yc).T).T
+    torch.testing.assert_close(zc, expected_c, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+def test_low_precision_relaxation(solver):
+    # bfloat16 state: the damped step and Anderson's mixing run in float32 and the fixed point is
+    # that of the float64 field to bfloat16 precision.
+    f = TanhLayer(16, scale=0.6)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    z64, _ = eqprop.relax(f, x, tol=1e-12, max_steps=300)
+    fb = TanhLayer(16, scale=0.6, dtype=torch.bfloat16)
+    zb, info = eqprop.relax(fb, x.bfloat16(), tol=2e-2, max_steps=100, solver=solver)
+    assert zb.dtype == torch.bfloat16 and info.abs_lowest.dtype == torch.float32
+    assert info.converged.all()
+    torch.testing.assert_close(zb.double(), z64, rtol=5e-2, atol=5e-2)
+
+
+# --- VectorField products -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", devices)
+def test_products_against_dense_jacobian(device):
+    f = TanhLayer(5).to(device)
+    x = torch.randn(2, 5, dtype=torch.float64, device=device)
+    z = torch.randn(2, 5, dtype=torch.float64, device=device)
+    v = torch.randn(2, 5, dtype=torch.float64, device=device)
+    fld = eqprop.solvers.as_field(f, x)
+    J = ref.dense_jacobian(f, x, z).detach()  # [B, n, n]
+    torch.testing.assert_close(fld.jvp(z, v), torch.einsum("bij,bj->bi", J, v), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fld.vjp(z, v), torch.einsum("bji,bj->bi", J, v), rtol=1e-12, atol=1e-12)
+    pv = fld.param_vjp(z, v)
+    expected = torch.autograd.grad(f(z, x), list(f.parameters()), v)
+    assert fld.parameter_names() == ["W", "U", "b"]
+    for a, b in zip(pv, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_complex_plain_transpose():
+    # d(z²)/dz at z = 0.2i is 0.4i; autograd's own VJP would give the conjugate −0.4i.
+    fld = _C.ModuleField(lambda z, x: z * z + x, torch.zeros(1, 1, dtype=torch.complex128), [], [])
+    z = torch.full((1, 1), 0.2j, dtype=torch.complex128)
+    one = torch.ones_like(z)
+    assert torch.allclose(fld.vjp(z, one), torch.full_like(z, 0.4j), atol=1e-15)
+    assert torch.allclose(fld.jvp(z, one), torch.full_like(z, 0.4j), atol=1e-15)
+    # Parameters: complex a in a·z² gives (∂F/∂a)ᵀv = z² v; a real w in w·z gives z·v (complex).
+    a = torch.tensor(1.5 - 0.5j, dtype=torch.complex128, requires_grad=True)
+    w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    fld = _C.ModuleField(lambda z, x: a * z * z + w * z, torch.zeros(1, 1, dtype=torch.complex128),
+                         ["a", "w"], [a, w])
+    z = torch.tensor([[0.3 + 0.2j]], dtype=torch.complex128)
+    v = torch.tensor([[1.0 - 2.0j]], dtype=torch.complex128)
+    ga, gw = fld.param_vjp(z, v)
+    assert torch.allclose(ga, (z * z * v).sum(), atol=1e-15)
+    assert torch.allclose(gw, (z * v).sum(), atol=1e-15)
+    assert torch.allclose(fld.vjp(z, v), (2 * a * z + w) * v, atol=1e-15)
+
+
+def test_holomorphic_jvp_finite_differences():
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(4, 4, generator=g, dtype=torch.float64) * 0.4).to(torch.complex128)
+    f = lambda z, x: torch.tanh(z @ W.T + x)
+    x = torch.randn(2, 4, generator=g, dtype=torch.float64).to(torch.complex128)
+    z = torch.complex(torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)) * 0.3
+    v = torch.complex(torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64))
+    fld = _C.ModuleField(f, x, [], [])
+    jv = fld.jvp(z, v)
+    h = 1e-6
+    torch.testing.assert_close((f(z + h * v, x) - f(z - h * v, x)) / (2 * h), jv, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close((f(z + 1j * h * v, x) - f(z - 1j * h * v, x)) / (2 * h), 1j * jv, rtol=1e-8, atol=1e-8)
+    # Plain transpose: ⟨u, Jv⟩ = ⟨Jᵀu, v⟩ with the bilinear (not sesquilinear) pairing.
+    u = torch.complex(torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64))
+    torch.testing.assert_close((u * jv).sum(), (fld.vjp(z, u) * v).sum(), rtol=1e-12, atol=1e-12)
+
+
+# --- fixed_point ----------------------------------------------------------------------------------
+
+def _loss(z):
+    return (z**3).sum() + z.sum()
+
+
+def _fd_direction(fun, params, dirs, h=1e-6):
+    with torch.no_grad():
+        for p, d in zip(params, dirs):
+            p.add_(h * d)
+        up = fun()
+        for p, d in zip(params, dirs):
+            p.sub_(2 * h * d)
+        down = fun()
+        for p, d in zip(params, dirs):
+            p.add_(h * d)
+    return (up - down) / (2 * h)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_fixed_point_implicit_gradient_equals_finite_differences(device):
+    torch.manual_seed(0)
+    f = TanhLayer(6).to(device)
+    x = torch.randn(3, 6, dtype=torch.float64, device=device, requires_grad=True)
+    opts = dict(tol=1e-14, stop="abs", max_steps=2000)
+    z = eqprop.fixed_point(f, x, backward_tol=1e-14, backward_max_steps=2000, **opts)
+    params = list(f.parameters()) + [x]
+    grads = torch.autograd.grad(_loss(z), params)
+    fun = lambda: _loss(eqprop.relax(f, x.detach(), **opts)[0])
+    for p, g in zip(params, grads):
+        d = torch.randn_like(p)
+        fd = _fd_direction(fun, [p], [d])
+        analytic = (g * d).sum()
+        assert abs(float(analytic - fd)) <= 1e-6 * abs(float(fd)), (analytic, fd)
+
+
+def test_fixed_point_bptt_converges_to_implicit():
+    f = TanhLayer(6, scale=0.9)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    opts = dict(tol=1e-13, stop="abs", max_steps=2000)
+    g_imp = torch.autograd.grad(_loss(eqprop.fixed_point(f, x, backward_tol=1e-14, **opts)), [f.W])[0]
+    errs = []
+    for h in (1, 4, 16, 64):
+        z = eqprop.fixed_point(f, x, backward="bptt", bptt_horizon=h, **opts)
+        errs.append(float((torch.autograd.grad(_loss(z), [f.W])[0] - g_imp).norm() / g_imp.norm()))
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] < 1e-8
+    # Full BPTT (no horizon) through 300 damped steps from z0 also agrees.
+    z = eqprop.fixed_point(f, x, backward="bptt", max_steps=300, eps=0.9)
+    g_full = torch.autograd.grad(_loss(z), [f.W])[0]
+    assert float((g_full - g_imp).norm() / g_imp.norm()) < 1e-8
+
+
+def test_fixed_point_complex_matches_unrolled_autograd():
+    # Holomorphic field, real loss: the implicit hook must hand autograd the conjugate convention.
+    g = torch.Generator().manual_seed(2)
+    W = torch.nn.Parameter((torch.randn(4, 4, generator=g, dtype=torch.float64) * 0.3).to(torch.complex128))
+    f = lambda z, x: torch.tanh(z @ W.T + x)
+    x = torch.complex(torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)) * 0.5
+    loss = lambda z: (z * z.conj()).real.sum() + (z**2).real.sum()
+    fld = _C.ModuleField(f, x, ["W"], [W])
+    z = eqprop.fixed_point(fld, x, tol=1e-14, stop="abs", max_steps=500, backward_tol=1e-14)
+    g_imp = torch.autograd.grad(loss(z), [W])[0]
+    z_bptt = eqprop.fixed_point(fld, x, backward="bptt", max_steps=400)
+    g_bptt = torch.autograd.grad(loss(z_bptt), [W])[0]
+    torch.testing.assert_close(g_imp, g_bptt, rtol=1e-9, atol=1e-9)
+
+
+def test_fixed_point_no_grad_returns_detached_fixed_point():
+    f = TanhLayer(4)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        z, info = eqprop.fixed_point(f, x, tol=1e-10, return_info=True)
+    assert not z.requires_grad and info.converged.all()
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(eps=0.0), r"eps \(damping\) must be finite and > 0, got 0"),
+        (dict(eps=-1.0), r"eps \(damping\) must be finite and > 0, got -1"),
+        (dict(max_steps=0), "max_steps must be >= 1, got 0"),
+        (dict(solver="broyden"), "solver must be one of 'picard', 'anderson', got 'broyden'"),
+        (dict(stop="max"), "stop must be one of 'rel', 'abs', got 'max'"),
+        (dict(anderson_m=0, solver="anderson"), "anderson_m must be >= 1, got 0"),
+        (dict(tol=float("nan")), "tol must be finite and >= 0"),
+    ],
+)
+def test_bad_options_raise_clear_errors(kwargs, match):
+    f = TanhLayer(3)
+    with pytest.raises(ValueError, match=match):
+        eqprop.relax(f, torch.randn(2, 3, dtype=torch.float64), **kwargs)
+
+
+def test_bad_inputs_raise_clear_errors():
+    f = TanhLayer(3)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="x must be finite, got 1 non-finite entries"):
+        eqprop.relax(f, torch.tensor([[1.0, float("inf"), 0.0], [0, 0, 0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="x must be a floating-point or complex tensor, got Long"):
+        eqprop.relax(f, torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"z0 must have the dtype of x \(torch.float64\), got torch.float32"):
+        eqprop.relax(f, x, z0=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"F\(z\) must have the shape of z \[2, 3\], got \[2, 2\]"):
+        eqprop.relax(lambda z, x: z[:, :2], x)
+    with pytest.raises(ValueError, match=r"z0 must be \[B, \.\.\.\] with B >= 1"):
+        eqprop.relax(f, x, z0=torch.zeros(0, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="f must be .* callable f\\(z, x\\); got int"):
+        eqprop.relax(3, x)
+    with pytest.raises(TypeError, match=r"fixed_point: unknown relaxation option\(s\) \['tolerance'\]; valid options are"):
+        eqprop.fixed_point(f, x, tolerance=1e-3)
+    with pytest.raises(ValueError, match="backward must be one of 'implicit', 'bptt', got 'adjoint'"):
+        eqprop.fixed_point(f, x, backward="adjoint")
+    with pytest.raises(ValueError, match="bptt_horizon must be an int >= 1 or None, got 0"):
+        eqprop.fixed_point(f, x, backward="bptt", bptt_horizon=0)
+    with pytest.raises(RuntimeError, match="f\\(z, x\\) must return a torch.Tensor, got <class 'float'>"):
+        eqprop.relax(lambda z, x: 1.0, x)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="z0 must be on the device of x"):
+            eqprop.relax(f, x, z0=torch.zeros(2, 3, dtype=torch.float64, device="cuda"))
+
+
+def test_backward_budget_defaults_to_the_forward_one_and_is_reported():
+    f = TanhLayer(4)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    z, info = eqprop.fixed_point(f, x, max_steps=3, tol=0.0, return_info=True)
+    z.sum().backward()
+    assert info.backward["n_vjps"] == 3 and info.backward["status"].tolist() == [1, 1]
+    assert info.status_names == ["max_steps", "max_steps"]
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+def test_python_errors_inside_f_propagate_unchanged(solver):
+    # f runs inside the C++ loop (GIL released around it); its exception must come back as raised.
+    def f(z, x):
+        if z.abs().sum() > 0:
+            raise ValueError("boom from f")
+        return z + x
+
+    with pytest.raises(ValueError, match="boom from f"):
+        eqprop.relax(f, torch.ones(2, 3), solver=solver)
+    with pytest.raises(ValueError, match="boom from f"):
+        eqprop.diagnostics.spectral_radius(f, torch.ones(2, 3), torch.ones(2, 3))
