@@ -294,7 +294,8 @@ class EquilibriumLM(nn.Module):
 
     def token_nll(self, tokens: Tensor) -> Tensor:
         """NLL of every token given its prefix, [B, L] (nats); column 0 is ln V."""
-        logp = torch.log_softmax(self.forward(tokens)[:, :-1].float(), -1)  # [B, L-1, V]
+        logits = self.forward(tokens)[:, :-1]  # [B, L-1, V]
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
         nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
         first = torch.full_like(nll[:, :1], math.log(self.vocab_size))
         return torch.cat([first, nll], 1)
@@ -304,4 +305,5 @@ class EquilibriumLM(nn.Module):
         if isinstance(tokens, Tensor) and tokens.dim() == 2 and tokens.shape[1] < 2:
             raise ValueError(f"loss needs sequences of L >= 2 tokens, got L={tokens.shape[1]}")
         logits = self.forward(tokens)[:, :-1]  # [B, L-1, V]
-        return nn.functional.cross_entropy(logits.reshape(-1, self.vocab_size).float(), tokens[:, 1:].reshape(-1))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/half: CE in float32
+        return nn.functional.cross_entropy(logits.reshape(-1, self.vocab_size), tokens[:, 1:].reshape(-1))
