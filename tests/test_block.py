@@ -82,6 +82,14 @@ def test_complex_block_on_real_input_is_the_real_block():
     torch.testing.assert_close(Fc.real, Fr, rtol=0, atol=1e-12)
 
 
+def test_sdpa_and_math_attention_agree():
+    z, x = torch.randn(2, 7, 8, dtype=torch.float64), torch.randn(2, 7, 8, dtype=torch.float64)
+    with torch.no_grad():
+        a = _block(rope=True, bias=True, attn_kernel="auto")(z, x)  # SDPA: real input, autograd off
+        b = _block(rope=True, bias=True, attn_kernel="math")(z, x)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_block_differs_between_options():
     # Guards the reference comparison against options that silently do nothing.
     z, x = torch.randn(1, 5, 8, dtype=torch.float64), torch.randn(1, 5, 8, dtype=torch.float64)
