@@ -82,6 +82,14 @@ def test_complex_block_on_real_input_is_the_real_block():
     torch.testing.assert_close(Fc.real, Fr, rtol=0, atol=1e-12)
 
 
+def test_sdpa_and_math_attention_agree():
+    z, x = torch.randn(2, 7, 8, dtype=torch.float64), torch.randn(2, 7, 8, dtype=torch.float64)
+    with torch.no_grad():
+        a = _block(rope=True, bias=True, attn_kernel="auto")(z, x)  # SDPA: real input, autograd off
+        b = _block(rope=True, bias=True, attn_kernel="math")(z, x)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_block_differs_between_options():
     # Guards the reference comparison against options that silently do nothing.
     z, x = torch.randn(1, 5, 8, dtype=torch.float64), torch.randn(1, 5, 8, dtype=torch.float64)
@@ -422,6 +430,46 @@ def test_implicit_gradient_through_block_matches_finite_differences():
         assert abs(p.grad[idx] - fd) <= 1e-6 * max(abs(fd), 1e-3), name
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(attention="energy", ffn="monotone", rope=True, spectral_rho=0.7)],
+                         ids=["softmax-mlp", "energy-monotone"])
+def test_bfloat16_block_tracks_float64(kw):
+    blk = _block(**kw)
+    b16 = _block(dtype=torch.bfloat16, **kw)
+    with torch.no_grad():
+        for p, q in zip(b16.parameters(), blk.parameters()):
+            p.copy_(q)
+        for name, u in b16.sn_u_dict().items():
+            u.copy_(blk.sn_u_dict()[name])
+    z, x = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    expected = _reference(blk, z, x).detach()
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            got = b16(z.bfloat16(), x.bfloat16())
+        assert got.dtype == torch.bfloat16
+        assert (got.double() - expected).abs().max() <= 3e-2 * expected.abs().max()
+
+
+def test_fixed_point_is_holomorphic_in_x():
+    """The complex fixed point z*(x) of the block (engine relax on the native field) is holomorphic:
+    real- and imaginary-direction differences of z* agree, and on real x it is the real z*."""
+    blk = _block(perturb=0.05, resinit=0.3, spectral_rho=0.9, bias=True, rope=True)
+    torch.manual_seed(5)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    v = torch.randn(2, 5, 8, dtype=torch.complex128)
+    xc = x.to(torch.complex128)
+
+    def z_star(x):
+        z, info = eqprop.relax(blk, x, max_steps=300, tol=1e-14)
+        assert bool(info.converged.all())
+        return z
+
+    torch.testing.assert_close(z_star(xc), z_star(x).to(torch.complex128), rtol=0, atol=1e-13)
+    h = 1e-5
+    d_real = (z_star(xc + h * v) - z_star(xc - h * v)) / (2 * h)
+    d_imag = (z_star(xc + 1j * h * v) - z_star(xc - 1j * h * v)) / (2j * h)
+    assert (d_real - d_imag).abs().max() <= 1e-7 * d_real.abs().max()
+
+
 # ---- EquilibriumLM --------------------------------------------------------------------------------
 
 def _lm(pos="learned", **kw):
@@ -440,7 +488,8 @@ def test_lm_shapes_loss_and_causality(pos):
     assert nll.shape == (2, 10)
     torch.testing.assert_close(nll[:, 0], torch.full((2,), math.log(3), dtype=nll.dtype))
     loss = lm.loss(tokens)
-    torch.testing.assert_close(loss, nll[:, 1:].mean())
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, nll[:, 1:].mean(), rtol=1e-12, atol=0)
     loss.backward()
     for name, p in [("tok_emb", lm.tok_emb.weight), ("q_weight", lm.block.q_weight), ("head", lm.head.weight)]:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
