@@ -54,5 +54,6 @@ def build_info() -> dict:
 
 
 from . import markov  # noqa: E402
+from . import models  # noqa: E402  (eqprop.train is imported on demand: it pulls in torch.distributed)
 
-__all__ = ["build_info", "markov", "__version__"]
+__all__ = ["build_info", "markov", "models", "__version__"]
