@@ -306,7 +306,7 @@ def train(config, *, callback: Optional[Callable[[dict, torch.nn.Module], None]]
     step, status, message = state["step"], "max_steps", ""
     elapsed_before = state["elapsed_s"]
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # not tqdm.auto: it warns in kernels without ipywidgets
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"markov k={k}", dynamic_ncols=True,
                disable=not (cfg.progress and dist_info.is_main))
