@@ -15,6 +15,16 @@ from eqprop import markov
 from eqprop.train import markov as tm
 from eqprop.train._common import derive_seed, lr_at
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are too small to gain from intra-op threads, and on a shared 2-core machine two OpenMP
+    threads contending with other processes run many times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # A model small enough that a few steps take well under a second on CPU.
 TINY = dict(k=1, seq_len=64, n_layer=1, n_head=2, d_model=16, batch_size=8, lr=3e-3, warmup_steps=2,
             eval_every=4, eval_batches=2, eval_batch_size=8, final_eval_batches=2, log_every=1, progress=False,
@@ -138,6 +148,8 @@ def test_tiny_model_learns_and_writes_artifacts(tmp_path):
         # model that could see its target would be far below)
         assert -3 * f["gap_se"] < f["gap_pct"] < uniform_gap / 2, f
     assert s.gate_passed == all(f["gap_pct"] <= 1.0 for f in s.final)
+    evals = [r["gap_pct"] for r in s.history if r.get("gap_pct") is not None]
+    assert evals[-1] < evals[0] - 3  # the paired eval gap falls during training
 
     # artifacts exist and parse
     assert tm.TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == cfg
@@ -287,3 +299,17 @@ def test_ladder_grows_steps_then_depth_then_width(tmp_path):
     assert res["3"]["passed"] and res["3"]["reason"] == "gate passed"
     assert json.loads((tmp_path / "ladder_summary.json").read_text()) == res
     assert (tmp_path / "ladder.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_ladder_runs_one_rung(tmp_path, capsys):
+    from eqprop.cli import main
+
+    opts = {**TINY, "max_steps": 4, "n_head": 2}
+    opts.pop("k")
+    rc = main(["markov", "ladder", "--k", "1", "--max-rungs", "1", "--out-dir", str(tmp_path), *_cli_options(opts)])
+    res = json.loads((tmp_path / "ladder_summary.json").read_text())
+    rung = res["1"]["rungs"][0]
+    assert (rung["n_layer"], rung["d_model"], rung["max_steps"]) == (1, 16, 4)  # options override LADDER_START
+    assert rc == (0 if res["1"]["passed"] else 1)
+    assert "ladder summary:" in capsys.readouterr().out
+    assert (tmp_path / "k1" / "rung0" / "summary.json").exists()

@@ -50,11 +50,13 @@ def _markov_bayes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_config_options(parser: argparse.ArgumentParser, skip=()) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, skip=(), defaults=None) -> None:
     """One ``--option`` per ``TrainConfig`` field (defaults shown come from the dataclass). Options left out
     keep the config file's value (``--config``) or the default: only what is given on the line overrides."""
     import dataclasses
 
+    from eqprop.models.transformer import POS_ENCODINGS
+    from eqprop.train._common import SCHEDULES
     from eqprop.train.markov import TrainConfig
 
     parser.add_argument("--config", default=None, metavar="JSON",
@@ -63,7 +65,8 @@ def _add_config_options(parser: argparse.ArgumentParser, skip=()) -> None:
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        shown = (defaults or {}).get(f.name, f.default)
+        help_text = f.metadata.get("help", "") + ("" if shown is None else f" (default: {shown})")
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
@@ -74,18 +77,21 @@ def _add_config_options(parser: argparse.ArgumentParser, skip=()) -> None:
         elif isinstance(f.default, float):
             parser.add_argument(flag, type=float, metavar="X", **kwargs)
         else:
-            parser.add_argument(flag, type=str, **kwargs)
+            choices = {"pos_enc": POS_ENCODINGS, "schedule": SCHEDULES}.get(f.name)
+            parser.add_argument(flag, type=str, choices=choices, metavar=f.name.upper() if not choices else None,
+                                **kwargs)
 
 
-def _config_from_args(args: argparse.Namespace, skip=()):
+def _config_from_args(args: argparse.Namespace, skip=(), defaults=None):
+    """``defaults`` < ``--config`` file < options given on the command line."""
     import dataclasses
 
     from eqprop.train.markov import TrainConfig
 
-    base = {}
+    base = dict(defaults or {})
     if args.config:
         with open(args.config) as f:
-            base = json.load(f)
+            base.update(json.load(f))
     names = {f.name for f in dataclasses.fields(TrainConfig)} - set(skip)
     given = {n: getattr(args, n) for n in names if hasattr(args, n)}
     return TrainConfig.from_dict({**base, **given})
@@ -109,7 +115,7 @@ def _print_eval(result: dict, indent: str = "  ") -> None:
     parts = []
     for b in result["by_visit_count"]:
         lo, hi = b["visits"]
-        label = f"{lo}-{hi - 1}" if hi is not None else f"{lo}+"
+        label = f"{lo}+" if hi is None else (f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}")
         parts.append(f"{label}: {_fmt_gap(b['gap_pct'], b['gap_se'])} ({100 * b['frac_tokens']:.0f}% of tokens)")
     print(f"{indent}by earlier visits of the context: " + "; ".join(parts))
 
@@ -117,8 +123,10 @@ def _print_eval(result: dict, indent: str = "  ") -> None:
 def _markov_train(args: argparse.Namespace) -> int:
     """Train a transformer on Markov-k sequences and report its gap to the exact Bayes NLL.
 
-    With no options this is the CPU demo: a 2-layer, width-64 rope transformer at k = 2 (L = 400) for 400
-    steps, a few minutes on two cores. Every TrainConfig field is an option; see eqprop.train.markov.
+    With no options this is the CPU demo: a 2-layer, width-64 rope transformer at k = 2 (L = 400), up to 400
+    steps (it stops once the eval gap + 2 SE is below 3%, typically near step 250): a few minutes on two
+    cores. Every TrainConfig field is an option (eqprop.train.markov.TrainConfig); artifacts go to
+    --out-dir. Under torchrun it trains data-parallel.
     """
     _setup_logging(args.verbose)
     from eqprop.train.markov import train
@@ -169,11 +177,13 @@ def _markov_eval(args: argparse.Namespace) -> int:
 
 def _markov_ladder(args: argparse.Namespace) -> int:
     """Grow transformers for each k until the gate passes: more steps while the gap still falls, else
-    deeper, then wider. Options after --k set the first rung (a TrainConfig)."""
+    deeper, then wider. The other options set the first rung (a TrainConfig); the start is
+    eqprop.train.markov.LADDER_START (4 layers, width 128, 64 x 2 sequences per step, 2000 steps), not
+    the train command's CPU demo defaults."""
     _setup_logging(args.verbose)
-    from eqprop.train.markov import ladder
+    from eqprop.train.markov import LADDER_START, ladder
 
-    base = _config_from_args(args, skip=("k", "out_dir", "resume"))
+    base = _config_from_args(args, skip=("k", "out_dir", "resume"), defaults=LADDER_START)
     results = ladder(args.k, base=base, out_dir=args.out_dir, max_rungs=args.max_rungs, max_layers=args.max_layers,
                      max_width=args.max_width, max_steps_cap=args.max_steps_cap)
     for k, res in results.items():
@@ -232,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--max-layers", type=int, default=8, help="deepest model (default: 8)")
     ld.add_argument("--max-width", type=int, default=512, help="widest model (default: 512)")
     ld.add_argument("--max-steps-cap", type=int, default=100_000, help="longest run (default: 100000)")
-    _add_config_options(ld, skip=("k", "out_dir", "resume"))
+    from eqprop.train.markov import LADDER_START
+
+    _add_config_options(ld, skip=("k", "out_dir", "resume"), defaults=LADDER_START)
     ld.add_argument("-v", "--verbose", action="store_true")
     ld.set_defaults(func=_markov_ladder)
     return parser

@@ -59,7 +59,7 @@ def gap_by_position(result: dict, path, *, k: int, target: float) -> Path:
             title=f"k={k}: gap by position ({result['n_seqs']} seqs, seed {result['seed']})")
     ax1.legend(fontsize=8)
     buckets = [b for b in result["by_visit_count"] if b["gap_pct"] is not None]
-    labels = [f"{b['visits'][0]}" + (f"-{b['visits'][1] - 1}" if b["visits"][1] else "+") for b in buckets]
+    labels = [_bucket_label(*b["visits"]) for b in buckets]
     ax2.bar(range(len(buckets)), [b["gap_pct"] for b in buckets], yerr=[b["gap_se"] for b in buckets], capsize=3)
     for i, b in enumerate(buckets):
         ax2.annotate(f"{100 * b['frac_tokens']:.0f}%", (i, 0), ha="center", va="bottom", fontsize=7)
@@ -88,6 +88,10 @@ def ladder_plot(results: dict, path, *, target: float) -> Path:
     ax.set(xlabel="rung", ylabel="best eval gap to Bayes (%)", title="ladder (layers x width, steps)")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _bucket_label(lo, hi) -> str:
+    return f"{lo}+" if hi is None else (f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}")
 
 
 def _save(fig: Figure, path) -> Path:

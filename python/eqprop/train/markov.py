@@ -19,6 +19,9 @@ Context visit count of a target ``x_t`` (t >= k): ``N_<t(c_t)``, the number of e
 ``[k, t)`` with the same context ``c_t = x_{t-k..t-1}`` -- exactly the count the Bayes predictive
 conditions on, so rare contexts are those where the posterior is still broad.
 
+History columns: ``mem_mb`` is the CUDA allocator's peak on a GPU and the process's peak RSS on CPU;
+``tokens_per_s`` counts all ranks' tokens.
+
 Artifacts (rank 0) in ``out_dir``: ``config.json``, ``training_history.csv``, ``summary.json``,
 ``best.pt``, ``last.pt``, ``figures/training_curve.png``, ``figures/gap_by_position.png``.
 
@@ -697,6 +700,12 @@ def _barrier(dist_info: DistInfo) -> None:
 # the ladder
 
 
+#: The ladder's first rung unless told otherwise: a medium model with a large effective batch (128 sequences).
+LADDER_START = dict(n_layer=4, n_head=8, d_model=128, batch_size=64, grad_accum_steps=2, lr=1e-3, min_lr=1e-4,
+                    warmup_steps=100, max_steps=2000, eval_every=100, eval_batches=8, final_eval_batches=32,
+                    progress=False)
+
+
 def ladder(ks: Sequence[int], *, base: Optional[TrainConfig] = None, out_dir: str = "runs/ladder",
            max_rungs: int = 8, max_layers: int = 8, max_width: int = 512, max_steps_cap: int = 100_000,
            train_fn: Callable[[TrainConfig], Summary] = None) -> dict:
@@ -725,8 +734,7 @@ def ladder(ks: Sequence[int], *, base: Optional[TrainConfig] = None, out_dir: st
     Example: ``ladder([4], base=TrainConfig(n_layer=4, d_model=256, batch_size=64, max_steps=4000))``
     """
     train_fn = train_fn or train
-    base = base or TrainConfig(n_layer=4, n_head=8, d_model=128, batch_size=64, grad_accum_steps=2,
-                               max_steps=2000, eval_every=100, progress=False)
+    base = base or TrainConfig(**LADDER_START)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     results = {}
