@@ -172,18 +172,21 @@ def test_tiny_model_learns_and_writes_artifacts(tmp_path):
     assert last["step"] == 120
 
 
-def test_resume_after_sigint_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_resume_after_a_signal_reproduces_the_uninterrupted_run(tmp_path, sig):
     cfg = tm.TrainConfig(max_steps=12, **TINY, out_dir=str(tmp_path / "straight"))
     straight = tm.train(cfg)
 
     def interrupt_at_7(record, model):
         if record["step"] == 7:
-            os.kill(os.getpid(), signal.SIGINT)  # handled by the trainer: checkpoint, clean exit
+            os.kill(os.getpid(), sig)  # handled by the trainer: checkpoint, clean exit
 
     cut = cfg.replace(out_dir=str(tmp_path / "cut"))
     first = tm.train(cut, callback=interrupt_at_7)
     assert first.status == "interrupted" and first.steps == 7 and first.final == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+    assert sig.name in first.message
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     resumed = tm.train(cut.replace(resume=True))
     assert resumed.status == "max_steps" and resumed.steps == 12
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
@@ -313,3 +316,31 @@ def test_cli_ladder_runs_one_rung(tmp_path, capsys):
     assert rc == (0 if res["1"]["passed"] else 1)
     assert "ladder summary:" in capsys.readouterr().out
     assert (tmp_path / "k1" / "rung0" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("opts", [
+    dict(pos_enc="alibi", bf16=True, schedule="wsd"),
+    dict(pos_enc="learned", grad_checkpointing=True, schedule="constant", grad_accum_steps=2),
+    dict(pos_enc="sinusoidal", eval_seq_len=96),
+    dict(pos_enc="none", n_layer=2),
+], ids=["alibi-bf16-wsd", "learned-ckpt-accum", "sinusoidal-longer-eval", "nope"])
+def test_model_and_optimizer_options_train(tmp_path, opts):
+    cfg = tm.TrainConfig(**{**TINY, "max_steps": 4, **opts}, out_dir=str(tmp_path))
+    s = tm.train(cfg)
+    assert s.status == "max_steps" and s.steps == 4
+    assert all(math.isfinite(r["train_loss"]) for r in s.history)
+    assert s.final[0]["seq_len"] == cfg.eval_len
+    lrs = [r["lr"] for r in s.history]
+    assert lrs == [lr_at(i, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=4,
+                         schedule=cfg.schedule, decay_frac=cfg.wsd_decay_frac) for i in range(4)]
+
+
+def test_fresh_run_clears_stale_checkpoints(tmp_path):
+    torch.save({"stale": True}, tmp_path / "best.pt")
+
+    def poison(record, model):  # diverge before the first evaluation
+        with torch.no_grad():
+            model.head.weight.fill_(float("nan"))
+
+    s = tm.train(tm.TrainConfig(**{**TINY, "max_steps": 6}, out_dir=str(tmp_path)), callback=poison)
+    assert s.status == "diverged" and s.final == [] and not (tmp_path / "best.pt").exists()

@@ -145,8 +145,11 @@ def setup_distributed(device: str) -> DistInfo:
     if world <= 1:
         return DistInfo()
     backend = "nccl" if device.startswith("cuda") else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)  # NCCL binds each rank to the current device
     dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, True)
 
 
 def resolve_device(device: str, local_rank: int = 0) -> str:

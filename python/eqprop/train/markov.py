@@ -294,6 +294,13 @@ def train(config, *, callback: Optional[Callable[[dict, torch.nn.Module], None]]
         log.info("resumed from %s at step %d", out_dir / "last.pt", state["step"])
     elif cfg.resume:
         log.info("resume requested but %s does not exist: starting from scratch", out_dir / "last.pt")
+    if state["step"] == 0 and dist_info.is_main:
+        # a fresh run must not inherit another run's checkpoints (a divergence before the first evaluation
+        # would otherwise leave them looking like this run's)
+        for stale in ("best.pt", "last.pt", "summary.json"):
+            if (out_dir / stale).exists():
+                log.warning("fresh run in %s: removing the earlier %s", out_dir, stale)
+                (out_dir / stale).unlink()
     raw_model = model
     if dist_info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
