@@ -5,12 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 
 def _symlog_if_needed(ax, values):
     vals = [v for v in values if v is not None]
     if vals and min(vals) > 0:
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 5, 10 rather than 2x10^0
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     else:  # gaps within noise of zero can be negative
         ax.set_yscale("symlog", linthresh=1.0)
 
