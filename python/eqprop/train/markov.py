@@ -307,7 +307,6 @@ def train(config, *, callback: Optional[Callable[[dict, torch.nn.Module], None]]
             model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
 
     k, L = cfg.k, cfg.train_len
-    local_batch = cfg.batch_size // dist_info.world_size
     tokens_per_step = cfg.batch_size * cfg.grad_accum_steps * L
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
     eval_set = make_eval_set(cfg, cfg.eval_seed, cfg.eval_batches, device)
@@ -394,7 +393,6 @@ def train(config, *, callback: Optional[Callable[[dict, torch.nn.Module], None]]
                 if dist_info.is_main:
                     save_atomic(_checkpoint(raw_model, optimizer, cfg, state, step, history, t_start,
                                             elapsed_before), out_dir / "last.pt")
-                if dist_info.is_main:
                     _write_history(history, out_dir / "training_history.csv")
             if stop_now:
                 status = "interrupted"
