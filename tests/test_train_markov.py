@@ -40,6 +40,11 @@ def test_config_rejects_unknown_keys_and_lists_valid_ones():
         tm.TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match=r"TrainConfig.min_lr must be in \[0, lr=0.001\], got 0.01"):
         tm.TrainConfig(lr=1e-3, min_lr=1e-2)
+    with pytest.raises(TypeError, match="TrainConfig.k must be int, got str '3'"):
+        tm.TrainConfig(k="3")
+    with pytest.raises(TypeError, match="TrainConfig.bf16 must be bool"):
+        tm.TrainConfig(bf16="yes")
+    assert tm.TrainConfig(lr=1).lr == 1.0 and isinstance(tm.TrainConfig(lr=1).lr, float)
     with pytest.raises(ValueError, match="final_eval_seeds"):
         tm.TrainConfig(final_eval_seeds=(5, 5))
     cfg = tm.TrainConfig(k=3)

@@ -44,7 +44,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -135,6 +135,16 @@ class TrainConfig:
 
     def __post_init__(self):
         self.final_eval_seeds = tuple(int(s) for s in self.final_eval_seeds)
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), f.type.replace("Optional[", "").rstrip("]")
+            if value is None and f.type.startswith("Optional"):
+                continue
+            if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+                continue
+            expected = {"int": int, "float": float, "bool": bool, "str": str}.get(kind)
+            if expected and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+                raise TypeError(f"TrainConfig.{f.name} must be {f.type}, got {type(value).__name__} {value!r}")
         checks = [
             ("k", self.k >= 1, ">= 1"),
             ("vocab_size", self.vocab_size >= 2, ">= 2"),
