@@ -349,3 +349,32 @@ def test_fresh_run_clears_stale_checkpoints(tmp_path):
 
     s = tm.train(tm.TrainConfig(**{**TINY, "max_steps": 6}, out_dir=str(tmp_path)), callback=poison)
     assert s.status == "diverged" and s.final == [] and not (tmp_path / "best.pt").exists()
+
+
+class _BayesPredictor(torch.nn.Module):
+    """Emits the exact Bayes predictive as logits (V = 2), through the Transformer's NLL convention."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        from eqprop.models import Transformer, TransformerOutput
+
+        b = markov.bayes_nll(x, self.k, dtype=torch.float64)
+        p_next = torch.exp(-b[:, 1:])  # probability of the symbol that came next
+        logits = torch.zeros(*x.shape, 2, dtype=torch.float64)
+        logits[:, :-1].scatter_(2, x[:, 1:, None], p_next.log()[..., None])
+        logits[:, :-1].scatter_(2, (1 - x[:, 1:])[..., None], torch.log1p(-p_next)[..., None])
+        return TransformerOutput(logits, Transformer.token_nll(logits, x))
+
+
+def test_evaluate_scores_the_bayes_predictor_at_zero_gap_everywhere():
+    cfg = tm.TrainConfig(k=2, seq_len=120, eval_batch_size=16)
+    r = tm.evaluate(_BayesPredictor(2), config=cfg, n_batches=2, seed=11)
+    assert r.n_seqs == 32 and r.seq_len == 120
+    assert abs(r.gap_pct) < 1e-4 and r.model_nll == pytest.approx(r.bayes_nll, abs=1e-6)
+    parts = [r.by_position[n] for n in ("early", "middle", "late")] + r.by_position["bins"] + \
+        [b for b in r.by_visit_count if b["gap_pct"] is not None]
+    assert len(parts) > 20 and all(abs(p["gap_pct"]) < 1e-4 for p in parts)
