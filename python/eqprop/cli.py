@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -49,6 +50,152 @@ def _markov_bayes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_options(parser: argparse.ArgumentParser, skip=(), defaults=None) -> None:
+    """One ``--option`` per ``TrainConfig`` field (defaults shown come from the dataclass). Options left out
+    keep the config file's value (``--config``) or the default: only what is given on the line overrides."""
+    import dataclasses
+
+    from eqprop.models.transformer import POS_ENCODINGS
+    from eqprop.train._common import SCHEDULES
+    from eqprop.train.markov import TrainConfig
+
+    parser.add_argument("--config", default=None, metavar="JSON",
+                        help="start from this config.json (e.g. a run's); options given here override it")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        shown = (defaults or {}).get(f.name, f.default)
+        help_text = f.metadata.get("help", "") + ("" if shown is None else f" (default: {shown})")
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, type=int, nargs=len(f.default), metavar="SEED", **kwargs)
+        elif f.default is None or isinstance(f.default, int):
+            parser.add_argument(flag, type=int, metavar="N", **kwargs)
+        elif isinstance(f.default, float):
+            parser.add_argument(flag, type=float, metavar="X", **kwargs)
+        else:
+            choices = {"pos_enc": POS_ENCODINGS, "schedule": SCHEDULES}.get(f.name)
+            parser.add_argument(flag, type=str, choices=choices, metavar=f.name.upper() if not choices else None,
+                                **kwargs)
+
+
+def _config_from_args(args: argparse.Namespace, skip=(), defaults=None):
+    """``defaults`` < ``--config`` file < options given on the command line."""
+    import dataclasses
+
+    from eqprop.train.markov import TrainConfig
+
+    base = dict(defaults or {})
+    if args.config:
+        with open(args.config) as f:
+            base.update(json.load(f))
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - set(skip)
+    given = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    return TrainConfig.from_dict({**base, **given})
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _fmt_gap(gap, se) -> str:
+    return "n/a" if gap is None else f"{gap:+.2f}% +- {se:.2f}"
+
+
+def _print_eval(result: dict, indent: str = "  ") -> None:
+    pos = result["by_position"]
+    print(f"{indent}by position (t >= k): " + ", ".join(
+        f"{name} {_fmt_gap(pos[name]['gap_pct'], pos[name]['gap_se'])}" for name in ("early", "middle", "late")))
+    parts = []
+    for b in result["by_visit_count"]:
+        lo, hi = b["visits"]
+        label = f"{lo}+" if hi is None else (f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}")
+        parts.append(f"{label}: {_fmt_gap(b['gap_pct'], b['gap_se'])} ({100 * b['frac_tokens']:.0f}% of tokens)")
+    print(f"{indent}by earlier visits of the context: " + "; ".join(parts))
+
+
+def _markov_train(args: argparse.Namespace) -> int:
+    """Train a transformer on Markov-k sequences and report its gap to the exact Bayes NLL.
+
+    With no options this is the CPU demo: a 2-layer, width-64 rope transformer at k = 2 (L = 400), up to 400
+    steps (it stops once the eval gap + 2 SE is below 3%, typically near step 250): a few minutes on two
+    cores. Every TrainConfig field is an option (eqprop.train.markov.TrainConfig); artifacts go to
+    --out-dir. Under torchrun it trains data-parallel.
+    """
+    _setup_logging(args.verbose)
+    from eqprop.train.markov import train
+
+    cfg = _config_from_args(args)
+    s = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return 0
+    print(f"Markov k={s.k} (L={s.seq_len}): {cfg.n_layer}-layer width-{cfg.d_model} {cfg.pos_enc} transformer, "
+          f"{s.n_params:,} params; {s.steps} steps in {s.wall_s:.0f} s ({s.status})")
+    if s.message:
+        print(f"  {s.message}")
+    if s.best_gap_pct is not None:
+        print(f"best eval gap {_fmt_gap(s.best_gap_pct, s.best_gap_se)} at step {s.best_step} "
+              f"(fixed eval set, {cfg.eval_batches * cfg.eval_batch_size} sequences)")
+    for f in s.final:
+        print(f"final gap to Bayes of best.pt: {_fmt_gap(f['gap_pct'], f['gap_se'])}  "
+              f"(model {f['model_nll']:.4f} vs Bayes {f['bayes_nll']:.4f} nats/token; {f['n_seqs']} fresh "
+              f"sequences, seed {f['seed']})")
+    if s.final:
+        _print_eval(s.final[0])
+        print(f"gate (both final gaps <= {s.target_gap_pct}%): {'PASS' if s.gate_passed else 'FAIL'}")
+    for name, path in s.figures.items():
+        print(f"figure {name}: {path}")
+    print(f"summary: {s.out_dir}/summary.json   history: {s.out_dir}/training_history.csv")
+    return {"diverged": 1, "interrupted": 130}.get(s.status, 0)
+
+
+def _markov_eval(args: argparse.Namespace) -> int:
+    """Score a checkpoint (best.pt / last.pt) on fresh sequences: gap to Bayes with SE and its breakdowns."""
+    _setup_logging(args.verbose)
+    from eqprop.train.markov import evaluate
+
+    rows = []
+    for seed in args.seed:
+        r = evaluate(args.checkpoint, n_batches=args.batches, batch_size=args.batch_size, seed=seed,
+                     seq_len=args.seq_len, device=args.device)
+        rows.append(r.to_dict())
+        print(f"{args.checkpoint}: gap to Bayes {_fmt_gap(r.gap_pct, r.gap_se)} (model {r.model_nll:.4f} vs "
+              f"Bayes {r.bayes_nll:.4f} nats/token; {r.n_seqs} sequences of length {r.seq_len}, seed {seed})")
+        _print_eval(rows[-1])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _markov_ladder(args: argparse.Namespace) -> int:
+    """Grow transformers for each k until the gate passes: more steps while the gap still falls, else
+    deeper, then wider. The other options set the first rung (a TrainConfig); the start is
+    eqprop.train.markov.LADDER_START (4 layers, width 128, 64 x 2 sequences per step, 2000 steps), not
+    the train command's CPU demo defaults."""
+    _setup_logging(args.verbose)
+    from eqprop.train.markov import LADDER_START, ladder
+
+    base = _config_from_args(args, skip=("k", "out_dir", "resume"), defaults=LADDER_START)
+    results = ladder(args.k, base=base, out_dir=args.out_dir, max_rungs=args.max_rungs, max_layers=args.max_layers,
+                     max_width=args.max_width, max_steps_cap=args.max_steps_cap)
+    for k, res in results.items():
+        best = min((r for r in res["rungs"] if r["best_gap_pct"] is not None), key=lambda r: r["best_gap_pct"],
+                   default=None)
+        tail = f"best {best['n_layer']}x{best['d_model']}, {best['max_steps']} steps: {best['best_gap_pct']:+.2f}%" \
+            if best else "no evaluated rung"
+        print(f"k={k}: {'PASS' if res['passed'] else 'FAIL'} after {len(res['rungs'])} rungs ({res['reason']}); {tail}")
+    print(f"ladder summary: {args.out_dir}/ladder_summary.json   plot: {args.out_dir}/ladder.png")
+    return 0 if all(r["passed"] for r in results.values()) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eqprop", description=__doc__)
     sub = parser.add_subparsers(dest="group", required=True)
@@ -67,6 +214,39 @@ def build_parser() -> argparse.ArgumentParser:
     bayes.add_argument("--device", default="cpu")
     bayes.add_argument("--json", default=None, help="also write the table to this JSON file")
     bayes.set_defaults(func=_markov_bayes)
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    tr = mk_sub.add_parser("train", help="train a transformer and report its gap to Bayes (the CPU demo by default)",
+                           description=_markov_train.__doc__)
+    _add_config_options(tr)
+    tr.add_argument("-v", "--verbose", action="store_true", help="log every evaluation")
+    tr.set_defaults(func=_markov_train)
+
+    ev = mk_sub.add_parser("eval", help="score a checkpoint on fresh sequences", description=_markov_eval.__doc__,
+                           formatter_class=fmt)
+    ev.add_argument("checkpoint", help="best.pt or last.pt written by `eqprop markov train`")
+    ev.add_argument("--batches", type=int, default=16, help="batches per evaluation set")
+    ev.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
+    ev.add_argument("--seed", type=int, nargs="+", default=[2_000_003, 3_000_017],
+                    help="one independent evaluation set per seed")
+    ev.add_argument("--seq-len", type=int, default=None, help="evaluation length (default: the run's)")
+    ev.add_argument("--device", default=None, help="default: cpu")
+    ev.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ev.add_argument("-v", "--verbose", action="store_true")
+    ev.set_defaults(func=_markov_eval)
+
+    ld = mk_sub.add_parser("ladder", help="grow models per k until the gate passes", description=_markov_ladder.__doc__)
+    ld.add_argument("--k", type=int, nargs="+", required=True, help="Markov orders")
+    ld.add_argument("--out-dir", default="runs/ladder", help="where rungs and the summary go (default: runs/ladder)")
+    ld.add_argument("--max-rungs", type=int, default=8, help="rungs per k (default: 8)")
+    ld.add_argument("--max-layers", type=int, default=8, help="deepest model (default: 8)")
+    ld.add_argument("--max-width", type=int, default=512, help="widest model (default: 512)")
+    ld.add_argument("--max-steps-cap", type=int, default=100_000, help="longest run (default: 100000)")
+    from eqprop.train.markov import LADDER_START
+
+    _add_config_options(ld, skip=("k", "out_dir", "resume"), defaults=LADDER_START)
+    ld.add_argument("-v", "--verbose", action="store_true")
+    ld.set_defaults(func=_markov_ladder)
     return parser
 
 
