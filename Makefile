@@ -15,10 +15,10 @@ setup-test: setup
 	$(PIP) install pytest hypothesis scipy nbclient nbformat ipykernel
 
 demo: setup
-	$(PYTHON) -m eqprop markov bayes
+	$(PYTHON) -m eqprop markov train
 
 test: setup-test
 	$(PYTHON) -m pytest -q
 
 bench: setup
-	cd benchmarks && $(PYTHON) bench_markov.py
+	cd benchmarks && $(PYTHON) bench_markov.py && $(PYTHON) bench_relax.py && $(PYTHON) bench_markov_train.py
