@@ -99,23 +99,19 @@ def bench_backward(args, device, dtype):
         z = eqprop.fixed_point(blk, x, z0=z_star, max_steps=1, tol=0.0, backward_max_steps=k, backward_tol=0.0)
         z.float().square().mean().backward()
 
-    def eager():
-        zz = z_star.detach().requires_grad_(True)
-        g = torch.autograd.grad(zz.float().square().mean(), zz)[0]
-        lam = ref_solvers.adjoint(ref_F, x, z_star, g, max_steps=k, tol=0.0)
-        with torch.enable_grad():
-            torch.autograd.grad(ref_F(z_star, x), list(blk.parameters()), lam)
-
-    def eager_cpp():
-        zz = z_star.detach().requires_grad_(True)
-        g = torch.autograd.grad(zz.float().square().mean(), zz)[0]
-        lam = ref_solvers.adjoint(blk, x, z_star, g, max_steps=k, tol=0.0)
-        with torch.enable_grad():
-            torch.autograd.grad(blk(z_star, x), list(blk.parameters()), lam)
+    def eager_adjoint(F):
+        """Plain eager adjoint loop (reference solver) over F, then one parameter VJP."""
+        def run():
+            zz = z_star.detach().requires_grad_(True)
+            g = torch.autograd.grad(zz.float().square().mean(), zz)[0]
+            lam = ref_solvers.adjoint(F, x, z_star, g, max_steps=k, tol=0.0)
+            with torch.enable_grad():
+                torch.autograd.grad(F(z_star, x), list(blk.parameters()), lam)
+        return run
 
     return {"engine_implicit": _time(engine, device, args.repeats) / k,
-            "eager_reference_adjoint": _time(eager, device, args.repeats) / k,
-            "eager_cpp_block_adjoint": _time(eager_cpp, device, args.repeats) / k}
+            "eager_reference_adjoint": _time(eager_adjoint(ref_F), device, args.repeats) / k,
+            "eager_cpp_block_adjoint": _time(eager_adjoint(blk), device, args.repeats) / k}
 
 
 def _rss_kib(field):

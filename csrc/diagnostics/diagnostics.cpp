@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "solvers/relax.h"
@@ -156,8 +157,11 @@ Estimate frobenius_sq(VectorField& f, const at::Tensor& z, int64_t probes, uint6
   return {m.mean_a, std::sqrt(m.var_a / m.n), probes};
 }
 
-Estimate nonnormality(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
-                      const std::string& dist) {
+// Moments of two per-probe statistics of (Jv, Jᵀv) at one linearization: the Monte-Carlo pairs
+// behind the non-normality and symmetric-fraction ratios.
+template <typename PairFn>
+Moments probe_pairs(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
+                    const std::string& dist, PairFn pair) {
   check_point(f, z);
   check_count("probes", probes);
   auto lin = f.linearize(z.detach());
@@ -166,11 +170,18 @@ Estimate nonnormality(VectorField& f, const at::Tensor& z, int64_t probes, uint6
   std::vector<double> a, b;
   for (int64_t k = 0; k < probes; ++k) {
     const at::Tensor v = gen.next();
-    const at::Tensor jv = lin->jvp(v), jtv = lin->vjp(v);
-    a.push_back(sum_sq(jv - jtv));
-    b.push_back(sum_sq(jv));
+    const auto [stat_a, stat_b] = pair(lin->jvp(v), lin->vjp(v));
+    a.push_back(stat_a);
+    b.push_back(stat_b);
   }
-  const Moments m = moments(a, b);
+  return moments(a, b);
+}
+
+Estimate nonnormality(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
+                      const std::string& dist) {
+  const Moments m = probe_pairs(f, z, probes, seed, dist, [](const at::Tensor& jv, const at::Tensor& jtv) {
+    return std::pair<double, double>{sum_sq(jv - jtv), sum_sq(jv)};
+  });
   const double q = m.mean_a / std::max(m.mean_b, kTiny), r = std::sqrt(q);
   // Delta method for the ratio of means q = ā/b̄, then d√q = dq / (2√q).
   const double var_q = (m.var_a / (m.mean_b * m.mean_b) - 2 * m.mean_a * m.cov / std::pow(m.mean_b, 3) +
@@ -181,19 +192,10 @@ Estimate nonnormality(VectorField& f, const at::Tensor& z, int64_t probes, uint6
 
 Estimate symmetric_fraction(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
                             const std::string& dist) {
-  check_point(f, z);
-  check_count("probes", probes);
-  auto lin = f.linearize(z.detach());
-  c10::NoGradGuard no_grad;
-  Probes gen(z, seed, dist);
-  std::vector<double> s, a;
-  for (int64_t k = 0; k < probes; ++k) {
-    const at::Tensor v = gen.next();
-    const at::Tensor jv = lin->jvp(v), jtv = lin->vjp(v);
-    s.push_back(0.25 * sum_sq(jv + jtv));  // ‖J_s v‖²
-    a.push_back(0.25 * sum_sq(jv - jtv));  // ‖J_a v‖²
-  }
-  const Moments m = moments(s, a);
+  const Moments m = probe_pairs(f, z, probes, seed, dist, [](const at::Tensor& jv, const at::Tensor& jtv) {
+    return std::pair<double, double>{0.25 * sum_sq(jv + jtv),   // ‖J_s v‖²
+                                     0.25 * sum_sq(jv - jtv)};  // ‖J_a v‖²
+  });
   const double S = std::sqrt(m.mean_a), A = std::sqrt(m.mean_b);
   if (S + A == 0) return {std::numeric_limits<double>::quiet_NaN(), 0.0, probes};
   const double frac = S / (S + A);
