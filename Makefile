@@ -20,5 +20,7 @@ demo: setup
 test: setup-test
 	$(PYTHON) -m pytest -q
 
+# TorchDEQ is a comparison point in bench_relax.py; --no-deps so it cannot pull another torch.
 bench: setup
+	$(PIP) install --no-deps torchdeq
 	cd benchmarks && $(PYTHON) bench_markov.py && $(PYTHON) bench_relax.py && $(PYTHON) bench_markov_train.py

@@ -20,12 +20,12 @@ import contextlib
 import json
 import pathlib
 import platform
-import subprocess
 import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from common import environment
 from eqprop import markov
 from eqprop.models import Transformer
 
@@ -37,14 +37,6 @@ CPU_SIZE = dict(k=3, seq_len=800, batch=4, n_layer=2, n_head=4, d_model=64, step
 RECIPE_K4 = dict(k=4, n_layer=4, n_head=8, d_model=256, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=200,
                  max_steps=3000, eval_every=250, eval_batches=8, eval_batch_size=32, final_eval_batches=32,
                  bf16=True, target_gap_pct=3.0, progress=False)
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - not a checkout
-        return "unknown"
 
 
 def throughput(size: dict, *, bf16: bool, kernel: str, checkpointing: bool, device: str) -> dict:
@@ -109,10 +101,8 @@ def main() -> None:
     print(f"bf16+{fast_kernel} vs fp32+math: {speedup:.2f}x" if speedup else "speedup: n/a")
 
     result = {
-        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "environment": environment(),
         "reduced_size": not gpu,
-        "torch": torch.__version__,
-        "git_commit": _git_commit(),
         "size": size,
         "throughput": rows,
         "speedup_bf16_fast_vs_fp32_math": speedup,

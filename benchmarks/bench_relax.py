@@ -31,6 +31,7 @@ import logging
 import torch
 
 import eqprop
+from common import environment
 from eqprop.reference import block as ref_block
 from eqprop.reference import solvers as ref_solvers
 
@@ -194,11 +195,6 @@ def main(argv=None):
         return
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE,
-                                check=True).stdout.strip()
-    except Exception:
-        commit = "unknown"
-    try:
         import importlib.metadata
 
         import torchdeq  # noqa: F401
@@ -207,10 +203,7 @@ def main(argv=None):
     except Exception as err:
         torchdeq_version = f"not available ({type(err).__name__}: {err})"
     result = {
-        "device": torch.cuda.get_device_name(device) if gpu else f"cpu ({os.cpu_count()} cores, {args.threads} thread(s))",
-        "torch": torch.__version__,
-        "eqprop": eqprop.build_info(),
-        "git_commit": commit,
+        "environment": environment(),
         "torchdeq": torchdeq_version,
         "config": {"C": args.C, "H": args.H, "T": args.T, "B": args.B, "forward_steps": args.steps,
                    "backward_steps": args.backward_steps, "repeats": args.repeats, "timer": "best of repeats"},
