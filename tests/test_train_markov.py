@@ -53,15 +53,15 @@ def test_config_rejects_unknown_keys_and_lists_valid_ones():
 
 
 def test_lr_schedules():
-    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=111)  # steps 0..110; 110 is the last
     assert lr_at(0, schedule="cosine", **kw) == pytest.approx(0.1)  # warmup: (step + 1) / warmup
     assert lr_at(9, schedule="cosine", **kw) == pytest.approx(1.0)
     assert lr_at(10, schedule="cosine", **kw) == pytest.approx(1.0)
     assert lr_at(60, schedule="cosine", **kw) == pytest.approx(0.55)  # half way: (lr + min_lr) / 2
-    assert lr_at(110, schedule="cosine", **kw) == pytest.approx(0.1)
-    # wsd: constant to 80% of max_steps (step 88), then linear to min_lr
-    assert lr_at(87, schedule="wsd", **kw) == 1.0
-    assert lr_at(99, schedule="wsd", **kw) == pytest.approx(1.0 - 0.9 * 11 / 22)
+    assert lr_at(110, schedule="cosine", **kw) == pytest.approx(0.1)  # the last step is at min_lr
+    # wsd: constant to 80% of max_steps (step round(88.8) = 89), then linear to min_lr at the last step
+    assert lr_at(88, schedule="wsd", **kw) == 1.0
+    assert lr_at(99, schedule="wsd", **kw) == pytest.approx(1.0 - 0.9 * 10 / 21)
     assert lr_at(110, schedule="wsd", **kw) == pytest.approx(0.1)
     assert lr_at(100, schedule="constant", **kw) == 1.0
 
@@ -201,8 +201,22 @@ def test_resume_after_a_signal_reproduces_the_uninterrupted_run(tmp_path, sig):
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[n], b[n]) for n in a)
+    record = (tmp_path / "cut" / "config.json").read_text()
     with pytest.raises(ValueError, match="d_model: checkpoint 16 vs config 32"):
         tm.train(cut.replace(resume=True, d_model=32, max_steps=14))
+    assert (tmp_path / "cut" / "config.json").read_text() == record  # a refused resume leaves the record
+
+
+def test_resume_takes_optimizer_hyperparameters_from_the_config(tmp_path):
+    cfg = tm.TrainConfig(max_steps=4, **TINY, out_dir=str(tmp_path))
+    tm.train(cfg)
+    changed = cfg.replace(resume=True, max_steps=6, weight_decay=0.5, beta2=0.99)
+    model = tm.build_model(changed)
+    optimizer = tm.build_optimizer(model, changed)
+    state = tm._restore(tmp_path / "last.pt", changed, model, optimizer, "cpu")
+    assert state["step"] == 4 and len(optimizer.state) > 0  # the moments come from the checkpoint
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.5, 0.0]
+    assert all(g["betas"] == (changed.beta1, 0.99) for g in optimizer.param_groups)
 
 
 def test_divergence_stops_cleanly(tmp_path):
@@ -222,8 +236,13 @@ def test_divergence_stops_cleanly(tmp_path):
 
 
 def test_early_stop_at_target(tmp_path):
-    s = tm.train(tm.TrainConfig(max_steps=20, **TINY, target_gap_pct=1000.0, out_dir=str(tmp_path)))
+    cfg = tm.TrainConfig(max_steps=20, **TINY, target_gap_pct=1000.0, out_dir=str(tmp_path))
+    s = tm.train(cfg)
     assert s.status == "reached_target" and s.steps == 4 and s.gate_passed
+    # resuming a finished run (a retry script) does not train past its early stop
+    again = tm.train(cfg.replace(resume=True))
+    assert again.status == "reached_target" and again.steps == 4
+    assert again.final[0]["gap_pct"] == s.final[0]["gap_pct"]
 
 
 def _run_cli(args, **kw):
@@ -273,6 +292,19 @@ def test_cli_help_lists_the_config():
     for option in ("--k", "--n-layer", "--pos-enc", "--grad-accum-steps", "--target-gap-pct", "--resume",
                    "--final-eval-seeds", "--bf16"):
         assert option in text
+
+
+def test_cli_config_file_does_not_take_the_runs_out_dir(tmp_path):
+    import argparse
+
+    from eqprop.cli import _config_from_args
+
+    saved = tm.TrainConfig(**{**TINY, "lr": 0.01}, out_dir=str(tmp_path / "old"), resume=True)
+    (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
+    args = argparse.Namespace(config=str(tmp_path / "config.json"))  # no options on the line
+    cfg = _config_from_args(args, defaults={"out_dir": str(tmp_path / "new")})
+    assert cfg.lr == 0.01 and cfg.d_model == TINY["d_model"]  # the file's settings are taken
+    assert cfg.out_dir == str(tmp_path / "new") and cfg.resume is False  # its run is not
 
 
 class _FakeSummary:

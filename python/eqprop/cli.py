@@ -60,7 +60,8 @@ def _add_config_options(parser: argparse.ArgumentParser, skip=(), defaults=None)
     from eqprop.train.markov import TrainConfig
 
     parser.add_argument("--config", default=None, metavar="JSON",
-                        help="start from this config.json (e.g. a run's); options given here override it")
+                        help="start from this config.json (e.g. a run's; its out_dir and resume are not taken); "
+                             "options given here override it")
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
@@ -91,7 +92,10 @@ def _config_from_args(args: argparse.Namespace, skip=(), defaults=None):
     base = dict(defaults or {})
     if args.config:
         with open(args.config) as f:
-            base.update(json.load(f))
+            saved = json.load(f)
+        # a run's config.json names that run's out_dir: starting from it must not write over (or, as a
+        # fresh run, clear) that run; --out-dir / --resume on the line still apply
+        base.update({key: v for key, v in saved.items() if key not in ("out_dir", "resume")})
     names = {f.name for f in dataclasses.fields(TrainConfig)} - set(skip)
     given = {n: getattr(args, n) for n in names if hasattr(args, n)}
     return TrainConfig.from_dict({**base, **given})

@@ -34,9 +34,11 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: 
           decay_frac: float = 0.2) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup over ``warmup_steps``, then
 
-    - ``cosine``: half-cosine from ``lr`` to ``min_lr`` at ``max_steps``;
+    - ``cosine``: half-cosine from ``lr`` to ``min_lr``;
     - ``wsd``: warmup-stable-decay, constant ``lr`` then a linear decay to ``min_lr`` over the last
       ``decay_frac`` of the steps;
+
+    both reach ``min_lr`` exactly at the last optimizer step, ``max_steps - 1``;
     - ``constant``: ``lr``.
 
     A pure function of the step, so the schedule's whole state is the step counter (exact resume).
@@ -50,13 +52,13 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: 
     if schedule == "constant":
         return lr
     if schedule == "cosine":
-        span = max(1, max_steps - warmup_steps)
+        span = max(1, max_steps - 1 - warmup_steps)
         progress = min(1.0, (step - warmup_steps) / span)
         return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
     decay_start = max(warmup_steps, int(round(max_steps * (1.0 - decay_frac))))
     if step < decay_start:
         return lr
-    progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+    progress = min(1.0, (step - decay_start) / max(1, max_steps - 1 - decay_start))
     return lr + (min_lr - lr) * progress
 
 

@@ -289,9 +289,6 @@ def train(config, *, callback: Optional[Callable[[dict, torch.nn.Module], None]]
         raise ValueError(f"TrainConfig.batch_size={cfg.batch_size} must be divisible by the number of "
                          f"data-parallel processes ({dist_info.world_size})")
     out_dir = Path(cfg.out_dir)
-    if dist_info.is_main:
-        (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-        write_text_atomic(json.dumps(cfg.to_dict(), indent=2) + "\n", out_dir / "config.json")
     log.info("config: %s", json.dumps(cfg.to_dict()))
 
     torch.manual_seed(cfg.seed)
@@ -311,6 +308,9 @@ def train(config, *, callback: Optional[Callable[[dict, torch.nn.Module], None]]
             if (out_dir / stale).exists():
                 log.warning("fresh run in %s: removing the earlier %s", out_dir, stale)
                 (out_dir / stale).unlink()
+    if dist_info.is_main:  # only now: a config that cannot build or resume must not overwrite the run's record
+        (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json.dumps(cfg.to_dict(), indent=2) + "\n", out_dir / "config.json")
     raw_model = model
     if dist_info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -323,6 +323,10 @@ def train(config, *, callback: Optional[Callable[[dict, torch.nn.Module], None]]
     bayes_eval_nll = float(torch.cat([b[:, k:] for _, b in eval_set]).double().mean())
     history = state["history"]
     step, status, message = state["step"], "max_steps", ""
+    if state.get("status") == "reached_target" and cfg.early_stop:
+        status = "reached_target"
+        message = f"resumed a run that had reached its target at step {step}: final evaluation only"
+        log.info(message)
     elapsed_before = state["elapsed_s"]
 
     from tqdm import tqdm  # not tqdm.auto: it warns in kernels without ipywidgets
@@ -330,7 +334,7 @@ def train(config, *, callback: Optional[Callable[[dict, torch.nn.Module], None]]
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"markov k={k}", dynamic_ncols=True,
                disable=not (cfg.progress and dist_info.is_main))
     with StopRequest() as stop:
-        while step < cfg.max_steps:
+        while step < cfg.max_steps and status == "max_steps":
             t0 = time.perf_counter()
             lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                        schedule=cfg.schedule, decay_frac=cfg.wsd_decay_frac)
@@ -400,6 +404,7 @@ def train(config, *, callback: Optional[Callable[[dict, torch.nn.Module], None]]
 
             stop_now = _agree(stop.requested is not None, dist_info, device)
             if "gap_pct" in record or stop_now or status != "max_steps" or step == cfg.max_steps:
+                state["status"] = status
                 if dist_info.is_main:
                     save_atomic(_checkpoint(raw_model, optimizer, cfg, state, step, history, t_start,
                                             elapsed_before), out_dir / "last.pt")
@@ -663,6 +668,7 @@ def _checkpoint(model, optimizer, cfg, state, step, history, t_start, elapsed_be
         "step": step,
         "best_gap": state["best_gap"], "best_se": state["best_se"], "best_step": state["best_step"],
         "tokens_seen": state["tokens_seen"],
+        "status": state.get("status", "max_steps"),  # "reached_target" survives a resume
         "elapsed_s": elapsed_before + time.perf_counter() - t_start,
         "history": list(history),
         "rng": rng_state(),
@@ -670,7 +676,9 @@ def _checkpoint(model, optimizer, cfg, state, step, history, t_start, elapsed_be
 
 
 def _restore(path: Path, cfg: TrainConfig, model, optimizer, device) -> dict:
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    # On the CPU: the RNG states must stay CPU byte tensors; load_state_dict moves the rest to the
+    # parameters' device.
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
     saved = ckpt["config"]
     mismatched = [f"{n}: checkpoint {saved.get(n)!r} vs config {getattr(cfg, n)!r}"
                   for n in _MUST_MATCH_ON_RESUME if saved.get(n) != getattr(cfg, n)]
@@ -679,13 +687,18 @@ def _restore(path: Path, cfg: TrainConfig, model, optimizer, device) -> dict:
     if saved.get("max_steps") != cfg.max_steps or saved.get("schedule") != cfg.schedule:
         log.warning("resuming with a different max_steps/schedule: the lr schedule changes from here on")
     model.load_state_dict(ckpt["model"])
+    # The checkpoint supplies the optimizer's moments; this run's config supplies its hyper-parameters
+    # (weight decay, betas; lr is set every step), so what config.json records is what is used.
+    hyper = [{key: v for key, v in g.items() if key != "params"} for g in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
+    for group, h in zip(optimizer.param_groups, hyper):
+        group.update(h)
     set_rng_state(ckpt["rng"])
     # rows logged after the checkpoint (a crash between checkpoints) are dropped: they will be redone
     history = [r for r in ckpt["history"] if r["step"] <= ckpt["step"]]
     return {"step": ckpt["step"], "best_gap": ckpt["best_gap"], "best_se": ckpt["best_se"],
             "best_step": ckpt["best_step"], "history": history, "tokens_seen": ckpt["tokens_seen"],
-            "elapsed_s": ckpt["elapsed_s"]}
+            "elapsed_s": ckpt["elapsed_s"], "status": ckpt.get("status", "max_steps")}
 
 
 def _write_history(history: list, path: Path) -> None:
