@@ -175,3 +175,19 @@ def test_implicit_estimate_on_a_complex_field_follows_autograd_convention():
     assert est.grads["s"].dtype == torch.float64 and est.grads["W"].dtype == torch.complex128
     torch.testing.assert_close(est.grads["W"], gW, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(est.grads["s"], gs, rtol=1e-9, atol=1e-10)
+
+
+def test_frozen_block_parameters_get_zero_gradients_and_no_grad():
+    """The native block field lists every parameter, trainable or not; both estimators must cope."""
+    torch.manual_seed(0)
+    blk = eqprop.EquilibriumBlock(8, 2, dtype=torch.float64)
+    blk.ln1_weight.requires_grad_(False)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    loss_fn = lambda z: z.square().mean()  # noqa: E731
+    for est in (Implicit(tol=1e-12, max_steps=500), BPTT(40, tol=1e-12, max_steps=500)):
+        out = est.grad(blk, x, loss_fn)
+        assert torch.equal(out.grads["ln1_weight"], torch.zeros_like(blk.ln1_weight))
+        assert out.grads["q_weight"].abs().sum() > 0
+        out.apply_to(blk)
+        assert blk.ln1_weight.grad is None and blk.q_weight.grad is not None
+        blk.zero_grad(set_to_none=True)

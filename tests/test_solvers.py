@@ -420,3 +420,36 @@ def test_python_errors_inside_f_propagate_unchanged(solver):
         eqprop.relax(f, torch.ones(2, 3), solver=solver)
     with pytest.raises(ValueError, match="boom from f"):
         eqprop.diagnostics.spectral_radius(f, torch.ones(2, 3), torch.ones(2, 3))
+
+
+# --- regressions found in review ----------------------------------------------------------------------
+
+def test_implicit_backward_uses_the_forward_damping():
+    """Eigenvalues of J down to -1.6: undamped Picard diverges, eps = 0.5 converges (|1 - eps(1 - λ)| < 1).
+    The adjoint has J's spectrum, so it needs the same damping; the gradient must be exact."""
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.tensor([-1.6, -1.2, -0.5, 0.0, 0.3, 0.6], dtype=torch.float64)) @ Q.T
+    layer = Linear(A)
+    x = torch.randn(2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    z = eqprop.fixed_point(layer, x, eps=0.5, tol=1e-13, max_steps=2000)
+    (z * w).sum().backward()
+    exact = torch.linalg.solve(torch.eye(6, dtype=torch.float64) - A.T, w.T).T  # (I - Aᵀ)⁻¹ w per sample
+    torch.testing.assert_close(x.grad, exact, rtol=1e-9, atol=1e-11)
+
+
+def test_half_precision_residuals_do_not_overflow():
+    """‖F‖² = 2000·100² overflows float16 (max 65504) if summed in half precision."""
+    x = torch.full((2, 2000), 100.0, dtype=torch.float16)
+    z = torch.zeros_like(x)
+    abs_res, rel_res = eqprop.diagnostics.residual(lambda z, x: x + 0 * z, x, z)
+    torch.testing.assert_close(abs_res.double(), torch.full((2,), 100.0 * 2000**0.5, dtype=torch.float64), rtol=1e-3, atol=0)
+    torch.testing.assert_close(rel_res.double(), torch.ones(2, dtype=torch.float64), rtol=1e-3, atol=0)
+
+
+def test_drive_of_the_wrong_shape_is_rejected():
+    layer = TanhLayer(4)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"drive\(z\) must return a tensor of the shape of z"):
+        eqprop.relax(layer, x, drive=lambda z: -0.1 * z[:1])

@@ -184,7 +184,7 @@ static Binder bind_engine([](py::module_& m) {
   m.def(
       "adjoint_solve",
       [](std::shared_ptr<VectorField> field, const at::Tensor& z, const at::Tensor& g, int64_t max_steps,
-         double tol, const std::string& solver, int64_t anderson_m) {
+         double tol, const std::string& solver, int64_t anderson_m, double eps) {
         check_field(field);
         const auto method = solvers::parse_method(solver);
         TORCH_CHECK_VALUE(anderson_m >= 1, "anderson_m must be >= 1, got ", anderson_m);
@@ -192,32 +192,32 @@ static Binder bind_engine([](py::module_& m) {
         {
           py::gil_scoped_release nogil;
           auto lin = field->linearize(z.detach());
-          r = solvers::adjoint_solve(*lin, g, max_steps, tol, method, anderson_m);
+          r = solvers::adjoint_solve(*lin, g, max_steps, tol, method, anderson_m, /*divergence=*/1e6, eps);
         }
         return adjoint_dict(r);
       },
       py::arg("field"), py::arg("z"), py::arg("g"), py::arg("max_steps"), py::arg("tol"),
-      py::arg("solver") = "picard", py::arg("anderson_m") = 5,
+      py::arg("solver") = "picard", py::arg("anderson_m") = 5, py::arg("eps") = 1.0,
       "Solve (I − Jᵀ)λ = g at z by relaxing λ ↦ Jᵀλ + g (Picard: recurrent backprop; DESIGN.md §5).");
 
   m.def(
       "implicit_grads",
       [](std::shared_ptr<VectorField> field, const at::Tensor& z, const at::Tensor& g, int64_t max_steps,
-         double tol, const std::string& solver, int64_t anderson_m) {
+         double tol, const std::string& solver, int64_t anderson_m, double eps) {
         check_field(field);
         const auto method = solvers::parse_method(solver);
         TORCH_CHECK_VALUE(anderson_m >= 1, "anderson_m must be >= 1, got ", anderson_m);
         estimators::ImplicitResult r;
         {
           py::gil_scoped_release nogil;
-          r = estimators::implicit_grads(*field, z, g, max_steps, tol, method, anderson_m);
+          r = estimators::implicit_grads(*field, z, g, max_steps, tol, method, anderson_m, eps);
         }
         py::dict d = adjoint_dict(r.adjoint);
         d["param_grads"] = r.param_grads;
         return d;
       },
       py::arg("field"), py::arg("z"), py::arg("g"), py::arg("max_steps"), py::arg("tol"),
-      py::arg("solver") = "picard", py::arg("anderson_m") = 5,
+      py::arg("solver") = "picard", py::arg("anderson_m") = 5, py::arg("eps") = 1.0,
       "(∂F/∂θ)ᵀλ with (I − Jᵀ)λ = g at z: the implicit (RBP) gradient of every parameter.");
 
   m.def(

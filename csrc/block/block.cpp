@@ -548,7 +548,8 @@ std::vector<int64_t> BlockField::versions() const {
   return v;
 }
 
-const Weights& BlockField::cached_weights() {
+Weights BlockField::cached_weights() {
+  std::lock_guard<std::mutex> lock(cache_mutex_);
   auto now = versions();
   if (!cache_.ln1_w.defined() || now != cache_versions_) {
     at::NoGradGuard no_grad;

@@ -17,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -147,12 +148,16 @@ class BlockField : public eqprop::AutogradField {
   const BlockConfig& config() const { return cfg_; }
 
  private:
-  const Weights& cached_weights();
+  // A snapshot of the effective weights, rebuilt when a parameter's version counter moves. Returned
+  // by value (tensor handles) under a lock: engine calls release the GIL, so one field may be
+  // evaluated from several threads.
+  Weights cached_weights();
   std::vector<int64_t> versions() const;
 
   BlockConfig cfg_;
   std::vector<at::Tensor> params_, sn_u_;
   at::Tensor x_;
+  std::mutex cache_mutex_;
   Weights cache_;
   std::vector<int64_t> cache_versions_;
 };

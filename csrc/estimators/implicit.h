@@ -23,10 +23,11 @@ struct ImplicitResult {
 // g = ∂ℓ/∂z* in the plain-transpose convention (conj of autograd's cotangent for complex z).
 inline ImplicitResult implicit_grads(VectorField& field, const at::Tensor& z_star, const at::Tensor& g,
                                      int64_t max_steps, double tol,
-                                     solvers::Method method = solvers::Method::picard, int64_t anderson_m = 5) {
+                                     solvers::Method method = solvers::Method::picard, int64_t anderson_m = 5,
+                                     double eps = 1.0) {
   auto lin = field.linearize(z_star.detach());
   ImplicitResult r;
-  r.adjoint = solvers::adjoint_solve(*lin, g, max_steps, tol, method, anderson_m);
+  r.adjoint = solvers::adjoint_solve(*lin, g, max_steps, tol, method, anderson_m, /*divergence=*/1e6, eps);
   r.param_grads = lin->param_vjp(r.adjoint.lambda);
   return r;
 }

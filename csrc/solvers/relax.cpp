@@ -83,7 +83,9 @@ void check_pair(const at::Tensor& z, const at::Tensor& fz) {
 }  // namespace
 
 at::Tensor sq_norm_per_sample(const at::Tensor& t) {
-  const at::Tensor flat = t.reshape({t.size(0), -1});
+  at::Tensor flat = t.reshape({t.size(0), -1});
+  // half / bfloat16 squares overflow past 65504 (‖F‖ > 256) and round badly: accumulate in float32
+  if (flat.scalar_type() == at::kHalf || flat.scalar_type() == at::kBFloat16) flat = flat.to(at::kFloat);
   if (t.is_complex()) return at::real(flat * flat.conj()).sum(1);
   return flat.pow(2).sum(1);
 }
@@ -247,8 +249,13 @@ RelaxResult relax(VectorField& field, const at::Tensor& z0, const RelaxOptions& 
   int64_t t = 0;
   for (; t < opt.max_steps; ++t) {
     at::Tensor fz = field.eval(z);
-    if (drive) fz = fz + drive(z);
     check_pair(z, fz);
+    if (drive) {
+      const at::Tensor d = drive(z);
+      TORCH_CHECK_VALUE(d.defined() && d.sizes() == z.sizes(), "drive(z) must return a tensor of the shape of z ",
+                        z.sizes(), ", got ", d.defined() ? d.sizes() : at::IntArrayRef{});
+      fz = fz + d;
+    }
     auto [z_picard, res_sq, f_sq] = damped_step(z, fz, opt.eps);
     const at::Tensor abs_res = res_sq.sqrt();                                   // [B]
     const at::Tensor rel_res = abs_res / f_sq.sqrt().clamp_min(kTiny);          // [B]
@@ -318,7 +325,7 @@ class AdjointField : public VectorField {
 }  // namespace
 
 AdjointResult adjoint_solve(Linearization& lin, const at::Tensor& g, int64_t max_steps, double tol,
-                            Method method, int64_t anderson_m, double divergence) {
+                            Method method, int64_t anderson_m, double divergence, double eps) {
   TORCH_CHECK_VALUE(max_steps >= 1, "backward_max_steps must be >= 1, got ", max_steps);
   TORCH_CHECK_VALUE(std::isfinite(tol) && tol >= 0.0, "backward_tol must be finite and >= 0, got ", tol);
   const at::Tensor& z = lin.point();
@@ -331,7 +338,8 @@ AdjointResult adjoint_solve(Linearization& lin, const at::Tensor& g, int64_t max
   AdjointField adjoint(lin, gg);
   RelaxOptions o;
   o.max_steps = max_steps;
-  o.eps = 1.0;
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, "eps (adjoint damping) must be finite and > 0, got ", eps);
+  o.eps = eps;
   o.tol = tol;
   o.stop = Stop::rel;
   o.method = method;

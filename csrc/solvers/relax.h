@@ -65,11 +65,13 @@ struct AdjointResult {
 
 // (I − Jᵀ)λ = g at the linearization point, VJPs only (DESIGN.md §5): the relaxation of the
 // adjoint field λ ↦ Jᵀλ + g from λ = g, by the same solvers as the forward pass — Picard is the
-// recurrent-backprop iteration λ ← Jᵀλ + g; Anderson accelerates it. Stops a sample at
+// recurrent-backprop iteration λ ← λ + ε(Jᵀλ + g − λ) (ε = 1: λ ← Jᵀλ + g); Anderson accelerates
+// it. Pass the forward damping ε: Jᵀ has the spectrum of J, so a forward pass that needed damping
+// to converge needs the same damping here (same fixed point). Stops a sample at
 // ‖Jᵀλ + g − λ‖/‖Jᵀλ + g‖ ≤ tol; returns its lowest-residual λ.
 AdjointResult adjoint_solve(Linearization& lin, const at::Tensor& g, int64_t max_steps, double tol,
                             Method method = Method::picard, int64_t anderson_m = 5,
-                            double divergence = 1e6);
+                            double divergence = 1e6, double eps = 1.0);
 
 // `steps` damped Picard steps from z with plain ATen ops, on the autograd graph when grad mode is
 // on: BPTT(h) differentiates through this.

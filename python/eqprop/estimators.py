@@ -45,7 +45,7 @@ class Estimate:
         if readout is not None:
             targets.update({f"readout.{n}": p for n, p in readout.named_parameters()})
         for name, g in self.grads.items():
-            if name in targets:
+            if name in targets and targets[name].requires_grad:  # frozen parameters get no .grad
                 p = targets[name]
                 p.grad = g.detach().clone() if p.grad is None else p.grad + g
 
@@ -104,7 +104,7 @@ class Implicit:
         loss, g, grads = _loss_and_cotangent(loss_fn, z_star)
         gp = g.conj().resolve_conj() if g.is_complex() else g
         bo = self.backward
-        res = _C.implicit_grads(fld, z_star, gp, bo.max_steps, bo.tol, bo.solver, bo.anderson_m)
+        res = _C.implicit_grads(fld, z_star, gp, bo.max_steps, bo.tol, bo.solver, bo.anderson_m, bo.eps)
         names, params = _field_params(fld)
         field_grads = {n: _autograd_convention(pg, p) for n, p, pg in zip(names, params, res["param_grads"])}
         backward = {k: v for k, v in res.items() if k not in ("param_grads", "lambda")}
@@ -136,7 +136,9 @@ class BPTT:
             z = _C.unroll(fld, z_star.detach(), self.horizon, float(self.relax_options.eps))
             loss = loss_fn(z)
             wrt = params + [p for _, p in readout]
-            gs = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt else []
+            live = [p for p in wrt if p.requires_grad]  # frozen parameters: zero, as in Implicit
+            live_grads = iter(torch.autograd.grad(loss, live, allow_unused=True) if live else [])
+            gs = [next(live_grads) if p.requires_grad else None for p in wrt]
         gs = [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, wrt)]
         grads = dict(zip(names, gs[: len(names)]))
         grads.update({f"readout.{n}": g for (n, _), g in zip(readout, gs[len(names):])})

@@ -47,6 +47,7 @@ class RelaxOptions:
     stop: str = "rel"
     solver: str = "picard"
     anderson_m: int = 5
+    eps: float = 1.0
     anderson_reg: float = 1e-8
     divergence: float = 1e4
     trace: bool = True
@@ -194,13 +195,15 @@ def relax(f: Any, x: Optional[torch.Tensor], *, z0: Optional[torch.Tensor] = Non
 @dataclass
 class BackwardOptions:
     """The adjoint solve of the implicit backward: relax λ ↦ Jᵀλ + g with ``solver`` ("picard" is
-    the recurrent-backprop iteration λ <- Jᵀλ + g; "anderson" accelerates it) until
-    ``||Jᵀλ + g - λ|| / ||Jᵀλ + g|| <= tol`` or ``max_steps`` VJPs."""
+    the recurrent-backprop iteration λ <- λ + eps (Jᵀλ + g - λ); "anderson" accelerates it) until
+    ``||Jᵀλ + g - λ|| / ||Jᵀλ + g|| <= tol`` or ``max_steps`` VJPs. ``eps`` is the forward
+    relaxation's damping: Jᵀ has J's spectrum, so the adjoint needs the damping the forward did."""
 
     max_steps: int
     tol: float
     solver: str = "picard"
     anderson_m: int = 5
+    eps: float = 1.0
 
 
 def _backward_options(max_steps, tol, solver, anderson_m, opts: RelaxOptions) -> BackwardOptions:
@@ -215,7 +218,7 @@ def _backward_options(max_steps, tol, solver, anderson_m, opts: RelaxOptions) ->
         raise ValueError(f"backward_solver must be one of 'picard', 'anderson', got {solver!r}")
     if isinstance(anderson_m, bool) or not isinstance(anderson_m, int) or anderson_m < 1:
         raise ValueError(f"backward_anderson_m must be an int >= 1, got {anderson_m!r}")
-    return BackwardOptions(max_steps, float(tol), solver, anderson_m)
+    return BackwardOptions(max_steps, float(tol), solver, anderson_m, float(opts.eps))
 
 
 def _adjoint_hook(fld, z_star: torch.Tensor, bo: BackwardOptions, info: RelaxInfo) -> Callable:
@@ -223,7 +226,7 @@ def _adjoint_hook(fld, z_star: torch.Tensor, bo: BackwardOptions, info: RelaxInf
         # Autograd hands the conjugate (Wirtinger) cotangent for complex z; the engine solves with
         # the plain transpose: λ = conj(λ_plain(conj g)) solves λ = Jᴴλ + g (DESIGN.md §5).
         gp = g.conj().resolve_conj() if g.is_complex() else g
-        res = _C.adjoint_solve(fld, z_star, gp, bo.max_steps, bo.tol, bo.solver, bo.anderson_m)
+        res = _C.adjoint_solve(fld, z_star, gp, bo.max_steps, bo.tol, bo.solver, bo.anderson_m, bo.eps)
         info.backward.update({k: v for k, v in res.items() if k != "lambda"})
         # Per-sample outcome in info.backward; divergence (ρ(J) ≥ 1: the implicit gradient does not
         # exist as a Neumann series) is worth a warning, running out of steps is not.
