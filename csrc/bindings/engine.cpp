@@ -187,7 +187,6 @@ static Binder bind_engine([](py::module_& m) {
          double tol, const std::string& solver, int64_t anderson_m, double eps) {
         check_field(field);
         const auto method = solvers::parse_method(solver);
-        TORCH_CHECK_VALUE(anderson_m >= 1, "anderson_m must be >= 1, got ", anderson_m);
         solvers::AdjointResult r;
         {
           py::gil_scoped_release nogil;
@@ -206,7 +205,6 @@ static Binder bind_engine([](py::module_& m) {
          double tol, const std::string& solver, int64_t anderson_m, double eps) {
         check_field(field);
         const auto method = solvers::parse_method(solver);
-        TORCH_CHECK_VALUE(anderson_m >= 1, "anderson_m must be >= 1, got ", anderson_m);
         estimators::ImplicitResult r;
         {
           py::gil_scoped_release nogil;

@@ -328,6 +328,8 @@ AdjointResult adjoint_solve(Linearization& lin, const at::Tensor& g, int64_t max
                             Method method, int64_t anderson_m, double divergence, double eps) {
   TORCH_CHECK_VALUE(max_steps >= 1, "backward_max_steps must be >= 1, got ", max_steps);
   TORCH_CHECK_VALUE(std::isfinite(tol) && tol >= 0.0, "backward_tol must be finite and >= 0, got ", tol);
+  TORCH_CHECK_VALUE(anderson_m >= 1, "backward_anderson_m must be >= 1, got ", anderson_m);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, "eps (adjoint damping) must be finite and > 0, got ", eps);
   const at::Tensor& z = lin.point();
   TORCH_CHECK_VALUE(g.defined() && g.sizes() == z.sizes(), "g (∂ℓ/∂z*) must have the shape of z* ",
                     z.sizes(), ", got ", g.sizes());
@@ -338,7 +340,6 @@ AdjointResult adjoint_solve(Linearization& lin, const at::Tensor& g, int64_t max
   AdjointField adjoint(lin, gg);
   RelaxOptions o;
   o.max_steps = max_steps;
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, "eps (adjoint damping) must be finite and > 0, got ", eps);
   o.eps = eps;
   o.tol = tol;
   o.stop = Stop::rel;
