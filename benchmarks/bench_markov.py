@@ -22,6 +22,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one repeat, for a smoke test")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--name", default="markov", help="results file benchmarks/results/NAME.json")
     args = parser.parse_args()
     repeat = 1 if args.quick else 5
 
@@ -55,7 +56,7 @@ def main() -> int:
                      cuda_goal_met=cuda_rows[0]["tokens_per_s"] >= 1e10)
     print("goals:", goals)
     if not args.no_write:
-        print("wrote", write_results("markov", dict(environment=environment(), rows=rows, goals=goals)))
+        print("wrote", write_results(args.name, dict(environment=environment(), rows=rows, goals=goals)))
     return 0
 
 

@@ -2,7 +2,10 @@
 
 Per relaxation step (one F evaluation + update + residual bookkeeping), for the equilibrium block:
 
-* ``engine_picard`` / ``engine_anderson``: ``eqprop.relax`` (the loop in C++ over the native block field);
+* ``engine_picard`` / ``engine_anderson``: ``eqprop.relax`` (the loop in C++ over the native block field;
+  on CUDA Picard's steps are replayed as a CUDA graph, the default);
+* on CUDA also ``engine_picard_no_graph`` (``cuda_graph=False``: the same loop launching each
+  kernel) and ``engine_picard_graph_check8`` (graphs of 8 steps, one host sync per 8 steps);
 * ``eager_reference``: the plain-PyTorch Picard loop (``eqprop.reference.solvers.picard``) over the
   plain-PyTorch block (``eqprop.reference.block``): what a user would write without eqprop;
 * ``eager_cpp_block``: the same eager loop over the C++ block forward (isolates the solver loop);
@@ -71,6 +74,12 @@ def bench_steps(args, device, dtype):
     out = {}
     with torch.no_grad():
         out["engine_picard"] = _time(lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0), device, args.repeats) / n
+        if device.type == "cuda":
+            out["engine_picard_no_graph"] = _time(
+                lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, cuda_graph=False), device, args.repeats) / n
+            out["engine_picard_graph_check8"] = _time(
+                lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, cuda_graph=True, check_every=8), device,
+                args.repeats) / n
         out["engine_anderson"] = _time(
             lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, solver="anderson"), device, args.repeats) / n
         out["eager_reference"] = _time(lambda: ref_solvers.picard(ref_F, x, max_steps=n, tol=0.0), device,
@@ -219,6 +228,8 @@ def main(argv=None):
                "speedup_per_step_vs_eager_reference": steps["eager_reference"] / steps["engine_picard"],
                "speedup_per_step_vs_eager_cpp_block": steps["eager_cpp_block"] / steps["engine_picard"],
                "speedup_per_vjp_vs_eager_reference": back["eager_reference_adjoint"] / back["engine_implicit"]}
+        if device.type == "cuda":
+            run["speedup_per_step_graph_vs_no_graph"] = steps["engine_picard_no_graph"] / steps["engine_picard"]
         if args.memory_steps:
             run["memory_vs_forward_steps"] = bench_memory(args, device, dtype)
         result["runs"][name] = run

@@ -9,7 +9,7 @@ import eqprop
 from eqprop import _C
 from eqprop.reference import solvers as ref
 from equilibrium_fields import Linear, Scaled, TanhLayer, one_thread  # noqa: F401  (autouse fixture)
-from testing import devices, needs_cuda
+from testing import devices
 
 
 # --- the fused damped update and its CPU twin --------------------------------------------------------
@@ -50,29 +50,6 @@ def test_damped_step_opcheck_and_errors():
         torch.ops.eqprop.relax_damped_step(z, torch.randn(4, 5), 0.5)
     with pytest.raises(ValueError, match="dtype of z"):
         torch.ops.eqprop.relax_damped_step(z, torch.randn(4, 6, dtype=torch.float64), 0.5)
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_damped_step_cuda_matches_cpu(dtype):
-    z = torch.randn(24, 256, 64).to(dtype)
-    fz = torch.randn(24, 256, 64).to(dtype)
-    cpu = torch.ops.eqprop.relax_damped_step(z, fz, 0.7)
-    gpu = torch.ops.eqprop.relax_damped_step(z.cuda(), fz.cuda(), 0.7)
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    for a, b in zip(cpu, gpu):
-        torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tol, atol=tol)
-
-
-@needs_cuda
-def test_relax_cuda_matches_cpu():
-    f = TanhLayer(16, dtype=torch.float64)
-    x = torch.randn(5, 16, dtype=torch.float64)
-    z_cpu, info_cpu = eqprop.relax(f, x, tol=1e-10, max_steps=300)
-    f_gpu = TanhLayer(16, dtype=torch.float64).cuda()
-    z_gpu, info_gpu = eqprop.relax(f_gpu, x.cuda(), tol=1e-10, max_steps=300)
-    torch.testing.assert_close(z_gpu.cpu(), z_cpu, rtol=1e-9, atol=1e-9)
-    assert torch.equal(info_gpu.steps.cpu(), info_cpu.steps)
 
 
 # --- relaxation ------------------------------------------------------------------------------------
@@ -453,3 +430,70 @@ def test_drive_of_the_wrong_shape_is_rejected():
     x = torch.randn(3, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"drive\(z\) must return a tensor of the shape of z"):
         eqprop.relax(layer, x, drive=lambda z: -0.1 * z[:1])
+
+
+# --- check_every and the CUDA-graph switch (the graph itself: test_engine_cuda.py) -----------------
+
+def _blend_block():
+    torch.manual_seed(3)
+    blk = eqprop.EquilibriumBlock(8, 2, resinit=0.5, dtype=torch.float64, spectral_rho=0.9).eval()
+    return blk, torch.randn(3, 5, 8, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+@pytest.mark.parametrize("check_every", [2, 3, 7, 50])
+def test_check_every_changes_nothing_but_the_wasted_evaluations(solver, check_every):
+    """Checking for running samples every k steps evaluates up to k - 1 more batched steps, but
+    stopped samples are frozen: per-sample results and the trace are those of k = 1."""
+    blk, x = _blend_block()
+    # per-sample scales: sample 0 converges fast, 1 slowly, 2 does not converge in 40 steps
+    cases = [(blk, x, dict(tol=1e-9, max_steps=40)),
+             (Scaled(torch.tensor([0.1, 0.7, 0.999], dtype=torch.float64)), torch.randn(3, 4, dtype=torch.float64),
+              dict(tol=1e-8, max_steps=40))]
+    for f, xx, kw in cases:
+        z1, i1 = eqprop.relax(f, xx, solver=solver, **kw)
+        zk, ik = eqprop.relax(f, xx, solver=solver, check_every=check_every, **kw)
+        assert torch.equal(zk, z1)
+        for name in ("steps", "status", "abs_lowest", "rel_lowest", "trace_abs", "trace_rel"):
+            assert torch.equal(getattr(ik, name), getattr(i1, name)), name
+        last = int(i1.steps.max())
+        assert i1.n_evals == last and i1.trace_abs.shape[0] == last
+        assert last <= ik.n_evals < last + check_every and ik.n_evals <= kw["max_steps"]
+        assert not ik.cuda_graph and not i1.cuda_graph
+
+
+def test_check_every_reaches_the_solvers_and_estimators():
+    blk, x = _blend_block()
+    loss = lambda z: z.square().sum()  # noqa: E731
+    for k in (1, 4):
+        z = eqprop.fixed_point(blk, x, check_every=k, tol=1e-10, max_steps=60)
+        est = eqprop.estimators.Implicit(check_every=k, tol=1e-10, max_steps=60).grad(blk, x, loss)
+        if k == 1:
+            z1, est1 = z, est
+    assert torch.equal(z, z1) and torch.equal(est.z, est1.z)
+    assert all(torch.equal(est.grads[n], est1.grads[n]) for n in est1.grads)
+    with pytest.raises(ValueError, match="check_every must be >= 1, got 0"):
+        eqprop.fixed_point(blk, x, check_every=0)
+    with pytest.raises(ValueError, match="check_every must be >= 1, got 0"):
+        eqprop.estimators.BPTT(3, check_every=0).grad(blk, x, loss)
+
+
+def test_cuda_graph_switch_errors():
+    blk, x = _blend_block()
+    with pytest.raises(ValueError, match="cuda_graph=True cannot be honoured: the state is not on a CUDA device"):
+        eqprop.relax(blk, x, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True cannot be honoured: it needs solver='picard'"):
+        eqprop.relax(blk, x, cuda_graph=True, solver="anderson")
+    with pytest.raises(ValueError, match="cuda_graph=True cannot be honoured: a drive"):
+        eqprop.relax(blk, x, cuda_graph=True, drive=lambda z: 0.1 * z)
+    with pytest.raises(ValueError, match="does not declare itself capturable"):
+        eqprop.relax(TanhLayer(4), torch.randn(2, 4, dtype=torch.float64), cuda_graph=True)
+    with pytest.raises(TypeError, match="cuda_graph must be None \\(auto\\), True or False, got 'yes'"):
+        eqprop.relax(blk, x, cuda_graph="yes")
+    with pytest.raises(ValueError, match="check_every must be >= 1, got 0"):
+        eqprop.relax(blk, x, check_every=0)
+    with pytest.raises(TypeError, match="check_every must be an int, got float"):
+        eqprop.relax(blk, x, check_every=2.0)
+    # off, and auto on the CPU, relax eagerly
+    for mode in (None, False):
+        assert not eqprop.relax(blk, x, cuda_graph=mode)[1].cuda_graph

@@ -131,7 +131,7 @@ static Binder bind_engine([](py::module_& m) {
       "relax",
       [](std::shared_ptr<VectorField> field, const at::Tensor& z0, int64_t max_steps, double eps, double tol,
          const std::string& stop, const std::string& solver, int64_t anderson_m, double anderson_reg,
-         double divergence, bool trace, py::object drive) {
+         double divergence, bool trace, int64_t check_every, const std::string& cuda_graph, py::object drive) {
         check_field(field);
         solvers::RelaxOptions o;
         o.max_steps = max_steps;
@@ -143,6 +143,8 @@ static Binder bind_engine([](py::module_& m) {
         o.anderson_reg = anderson_reg;
         o.divergence = divergence;
         o.trace = trace;
+        o.check_every = check_every;
+        o.cuda_graph = solvers::parse_cuda_graph(cuda_graph);
         solvers::Drive d;
         if (!drive.is_none()) {
           TORCH_CHECK_VALUE(PyCallable_Check(drive.ptr()), "drive must be callable as drive(z), got ",
@@ -174,11 +176,12 @@ static Binder bind_engine([](py::module_& m) {
         out["trace_rel"] = r.trace_rel;
         out["status"] = r.status;
         out["n_evals"] = r.n_evals;
+        out["cuda_graph"] = r.cuda_graph;
         return out;
       },
       py::arg("field"), py::arg("z0"), py::arg("max_steps"), py::arg("eps"), py::arg("tol"), py::arg("stop"),
       py::arg("solver"), py::arg("anderson_m"), py::arg("anderson_reg"), py::arg("divergence"),
-      py::arg("trace"), py::arg("drive") = py::none(),
+      py::arg("trace"), py::arg("check_every") = 1, py::arg("cuda_graph") = "auto", py::arg("drive") = py::none(),
       "Relax to z* = F(z*) (DESIGN.md §4); drive(z) adds to F (nudged phases). Returns a dict of tensors.");
 
   m.def(

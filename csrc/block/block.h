@@ -144,6 +144,9 @@ class BlockField : public eqprop::AutogradField {
   at::Tensor eval(const at::Tensor& z) override;
   std::vector<at::Tensor> parameters() override { return params_; }
   std::vector<std::string> parameter_names() override;
+  // With autograd off, eval is ATen kernels on z, x and the cached weights (built on the first
+  // call, before any capture): no syncs, no host copies.
+  bool cuda_graph_safe() const override { return true; }
   const at::Tensor& x() const { return x_; }
   const BlockConfig& config() const { return cfg_; }
 

@@ -16,6 +16,8 @@
 
 #ifdef EQPROP_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/relax.cuh"
@@ -149,6 +151,13 @@ Stop parse_stop(const std::string& s) {
   TORCH_CHECK_VALUE(false, "stop must be one of 'rel', 'abs', got '", s, "'");
 }
 
+CudaGraph parse_cuda_graph(const std::string& s) {
+  if (s == "auto") return CudaGraph::automatic;
+  if (s == "on") return CudaGraph::on;
+  if (s == "off") return CudaGraph::off;
+  TORCH_CHECK_VALUE(false, "cuda_graph must be one of 'auto', 'on', 'off', got '", s, "'");
+}
+
 Method parse_method(const std::string& s) {
   if (s == "picard") return Method::picard;
   if (s == "anderson") return Method::anderson;
@@ -163,6 +172,7 @@ void check_options(const RelaxOptions& o) {
   TORCH_CHECK_VALUE(std::isfinite(o.anderson_reg) && o.anderson_reg >= 0.0,
                     "anderson_reg must be finite and >= 0, got ", o.anderson_reg);
   TORCH_CHECK_VALUE(o.divergence > 1.0, "divergence must be > 1, got ", o.divergence);
+  TORCH_CHECK_VALUE(o.check_every >= 1, "check_every must be >= 1, got ", o.check_every);
 }
 
 namespace {
@@ -223,83 +233,200 @@ class Anderson {
   at::Tensor X_, F_;  // ring buffers [B, m, n] of iterates and their F values
 };
 
+// The state of one relaxation, updated in place: every tensor a step reads or writes lives at a
+// fixed address, so the step can be captured once as a CUDA graph and replayed. The step index is
+// a device tensor for the same reason; a step never synchronizes with the host.
+class Relaxation {
+ public:
+  Relaxation(VectorField& field, const at::Tensor& z0, const RelaxOptions& opt, const Drive& drive)
+      : field_(field), opt_(opt), drive_(drive) {
+    const int64_t B = z0.size(0);
+    const auto ropts = z0.options().dtype(norm_dtype(z0.scalar_type()));
+    z = z0.detach().clone(at::MemoryFormat::Contiguous);
+    best_z = z.clone();
+    best_metric = at::full({B}, std::numeric_limits<double>::infinity(), ropts);
+    best_abs = at::full({B}, std::numeric_limits<double>::quiet_NaN(), ropts);
+    best_rel = best_abs.clone();
+    first_abs = at::zeros({B}, ropts);
+    active = at::ones({B}, z0.options().dtype(at::kBool));
+    steps = at::full({B}, opt.max_steps, z0.options().dtype(at::kLong));
+    status = at::full({B}, static_cast<int8_t>(Status::max_steps), z0.options().dtype(at::kChar));
+    t_ = at::zeros({1}, z0.options().dtype(at::kLong));
+    trace_abs = at::zeros({opt.trace ? opt.max_steps : 0, B}, ropts);
+    trace_rel = at::zeros_like(trace_abs);
+    if (opt.method == Method::anderson) anderson_ = std::make_unique<Anderson>(z, opt.anderson_m, opt.eps, opt.anderson_reg);
+  }
+
+  // Step t (t is the host's count, used only by Anderson's ring buffer, which never runs in a graph).
+  void step(int64_t t) {
+    at::Tensor fz = field_.eval(z);
+    check_pair(z, fz);
+    if (drive_) {
+      const at::Tensor d = drive_(z);
+      TORCH_CHECK_VALUE(d.defined() && d.sizes() == z.sizes(), "drive(z) must return a tensor of the shape of z ",
+                        z.sizes(), ", got ", d.defined() ? d.sizes() : at::IntArrayRef{});
+      fz = fz + d;
+    }
+    auto [z_picard, res_sq, f_sq] = damped_step(z, fz, opt_.eps);
+    const at::Tensor abs_res = res_sq.sqrt();                           // [B]
+    const at::Tensor rel_res = abs_res / f_sq.sqrt().clamp_min(kTiny);  // [B]
+    if (opt_.trace) {
+      trace_abs.index_copy_(0, t_, abs_res.unsqueeze(0));
+      trace_rel.index_copy_(0, t_, rel_res.unsqueeze(0));
+    }
+    if (t == 0) first_abs.copy_(abs_res.clamp_min(kTiny));
+    const at::Tensor& metric = opt_.stop == Stop::rel ? rel_res : abs_res;
+
+    // Keep the lowest-residual iterate per sample (NaN never improves).
+    const at::Tensor improved = active.logical_and(metric < best_metric);
+    best_z.copy_(at::where(per_sample(improved, z), z, best_z));
+    best_metric.copy_(at::where(improved, metric, best_metric));
+    best_abs.copy_(at::where(improved, abs_res, best_abs));
+    best_rel.copy_(at::where(improved, rel_res, best_rel));
+
+    const at::Tensor converged = active.logical_and(metric <= opt_.tol);
+    const at::Tensor diverged = active.logical_and(converged.logical_not())
+                                    .logical_and(at::isfinite(abs_res).logical_not().logical_or(
+                                        abs_res > first_abs * opt_.divergence));
+    steps.copy_(at::where(converged.logical_or(diverged), t_ + 1, steps));
+    status.masked_fill_(converged, static_cast<int8_t>(Status::converged));
+    status.masked_fill_(diverged, static_cast<int8_t>(Status::diverged));
+    active.logical_and_(converged.logical_not()).logical_and_(diverged.logical_not());
+    const at::Tensor z_next = anderson_ ? anderson_->step(z, fz, z_picard, t) : z_picard;
+    // Stopped samples stay at their best iterate: finite, and independent of the rest of the batch.
+    z.copy_(at::where(per_sample(active, z), z_next, best_z));
+    t_.add_(1);
+  }
+
+  bool any_active() const { return active.any().item<bool>(); }
+
+  RelaxResult result(int64_t n_evals, bool replayed_graph) const {
+    RelaxResult r;
+    r.z = best_z;
+    r.steps = steps;
+    r.abs_residual = best_abs;
+    r.rel_residual = best_rel;
+    // Rows up to the step at which the last sample stopped; later ones (check_every > 1) only
+    // re-evaluate frozen samples.
+    const int64_t rows = opt_.trace ? steps.max().item<int64_t>() : 0;
+    r.trace_abs = trace_abs.narrow(0, 0, rows);
+    r.trace_rel = trace_rel.narrow(0, 0, rows);
+    r.status = status;
+    r.n_evals = n_evals;
+    r.cuda_graph = replayed_graph;
+    return r;
+  }
+
+  at::Tensor z, best_z, best_metric, best_abs, best_rel, first_abs, active, steps, status, trace_abs, trace_rel;
+
+ private:
+  VectorField& field_;
+  const RelaxOptions& opt_;
+  const Drive& drive_;
+  at::Tensor t_;  // [1] int64: the index of the step being evaluated
+  std::unique_ptr<Anderson> anderson_;
+};
+
+// Whether to replay steps as a CUDA graph; with cuda_graph = on, says why not when it cannot.
+bool use_cuda_graph(const VectorField& field, const at::Tensor& z0, const RelaxOptions& opt, bool driven) {
+  if (opt.cuda_graph == CudaGraph::off) return false;
+  const bool demanded = opt.cuda_graph == CudaGraph::on;
+  const auto refuse = [&](bool ok, const char* why) {
+    TORCH_CHECK_VALUE(ok || !demanded, "cuda_graph=True cannot be honoured: ", why);
+    return ok;
+  };
+  return refuse(opt.method == Method::picard, "it needs solver='picard' (Anderson's solve runs eagerly)") &&
+         refuse(!driven, "a drive(z) callback runs Python and may synchronize; relax without cuda_graph") &&
+         refuse(field.cuda_graph_safe(),
+                "this vector field does not declare itself capturable (only the native block fields do)") &&
+         refuse(z0.is_cuda(), "the state is not on a CUDA device");
+}
+
+#ifdef EQPROP_WITH_CUDA
+// Make `waiter` wait for the work queued so far on `done`.
+void stream_wait(const c10::cuda::CUDAStream& waiter, const c10::cuda::CUDAStream& done) {
+  cudaEvent_t ev;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(ev, done.stream()));
+  C10_CUDA_CHECK(cudaStreamWaitEvent(waiter.stream(), ev, 0));
+  C10_CUDA_CHECK(cudaEventDestroy(ev));
+}
+
+// The first step runs eagerly on a side stream (lazy initialization — the field's weight cache,
+// cuBLAS workspaces — must not happen inside a capture); then `check_every` steps are captured
+// once and the graph is replayed, the host checking for running samples between replays; a tail
+// shorter than a graph runs eagerly. A capture that fails (an operation the field runs is not
+// capturable) changes no state, since capturing executes nothing: with cuda_graph = auto the
+// relaxation goes on eagerly with a warning, with cuda_graph = on the error is raised.
+// Sets `t` to the number of batched steps evaluated; returns whether a graph was replayed.
+bool relax_graphed(Relaxation& r, const RelaxOptions& opt, const at::Device& device, int64_t& t) {
+  const c10::cuda::CUDAGuard device_guard(device);
+  const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
+  stream_wait(side, caller);
+  bool replayed = false;
+  t = 0;
+  {
+    const c10::cuda::CUDAStreamGuard stream_guard(side);
+    r.step(t++);
+    bool running = r.any_active();
+    const int64_t k = std::min(opt.check_every, opt.max_steps - t);
+    if (running && k > 0) {
+      at::cuda::CUDAGraph graph;
+      bool captured = false;
+      graph.capture_begin();
+      try {
+        for (int64_t i = 0; i < k; ++i) r.step(t + i);
+        graph.capture_end();
+        captured = true;
+      } catch (const std::exception& err) {
+        if (!captured) {
+          try {
+            graph.capture_end();  // leave the stream out of capture mode
+          } catch (...) {
+          }
+        }
+        if (opt.cuda_graph == CudaGraph::on) throw;
+        TORCH_WARN("relax: capturing the step as a CUDA graph failed, relaxing eagerly instead: ", err.what());
+      }
+      for (; captured && running && opt.max_steps - t >= k; t += k) {
+        graph.replay();
+        replayed = true;
+        running = r.any_active();
+      }
+    }
+    for (; running && t < opt.max_steps; ++t) {
+      r.step(t);
+      running = r.any_active();
+    }
+  }
+  stream_wait(caller, side);
+  return replayed;
+}
+#endif
+
 }  // namespace
 
 RelaxResult relax(VectorField& field, const at::Tensor& z0, const RelaxOptions& opt, const Drive& drive) {
   check_options(opt);
   check_state(z0);
+  const bool graphed = use_cuda_graph(field, z0, opt, static_cast<bool>(drive));
   c10::NoGradGuard no_grad;  // the free phase is never differentiated through (implicit / BPTT tails)
-  const int64_t B = z0.size(0);
-  const auto ropts = z0.options().dtype(norm_dtype(z0.scalar_type()));
-  const auto iopts = z0.options().dtype(at::kLong);
-
-  at::Tensor z = z0.detach().clone();
-  at::Tensor best_z = z.clone();
-  at::Tensor best_metric = at::full({B}, std::numeric_limits<double>::infinity(), ropts);
-  at::Tensor best_abs = at::full({B}, std::numeric_limits<double>::quiet_NaN(), ropts);
-  at::Tensor best_rel = best_abs.clone();
-  at::Tensor active = at::ones({B}, z0.options().dtype(at::kBool));
-  at::Tensor steps = at::full({B}, opt.max_steps, iopts);
-  at::Tensor status = at::full({B}, static_cast<int8_t>(Status::max_steps), z0.options().dtype(at::kChar));
-  at::Tensor first_abs;
-  std::vector<at::Tensor> trace_abs, trace_rel;
-  std::unique_ptr<Anderson> anderson;
-  if (opt.method == Method::anderson) anderson = std::make_unique<Anderson>(z, opt.anderson_m, opt.eps, opt.anderson_reg);
-
-  int64_t t = 0;
-  for (; t < opt.max_steps; ++t) {
-    at::Tensor fz = field.eval(z);
-    check_pair(z, fz);
-    if (drive) {
-      const at::Tensor d = drive(z);
-      TORCH_CHECK_VALUE(d.defined() && d.sizes() == z.sizes(), "drive(z) must return a tensor of the shape of z ",
-                        z.sizes(), ", got ", d.defined() ? d.sizes() : at::IntArrayRef{});
-      fz = fz + d;
-    }
-    auto [z_picard, res_sq, f_sq] = damped_step(z, fz, opt.eps);
-    const at::Tensor abs_res = res_sq.sqrt();                                   // [B]
-    const at::Tensor rel_res = abs_res / f_sq.sqrt().clamp_min(kTiny);          // [B]
-    if (opt.trace) {
-      trace_abs.push_back(abs_res);
-      trace_rel.push_back(rel_res);
-    }
-    if (t == 0) first_abs = abs_res.clamp_min(kTiny);
-    const at::Tensor metric = opt.stop == Stop::rel ? rel_res : abs_res;
-
-    // Keep the lowest-residual iterate per sample (NaN never improves).
-    const at::Tensor improved = active.logical_and(metric < best_metric);
-    best_z = at::where(per_sample(improved, z), z, best_z);
-    best_metric = at::where(improved, metric, best_metric);
-    best_abs = at::where(improved, abs_res, best_abs);
-    best_rel = at::where(improved, rel_res, best_rel);
-
-    const at::Tensor converged = active.logical_and(metric <= opt.tol);
-    const at::Tensor diverged = active.logical_and(converged.logical_not())
-                                    .logical_and(at::isfinite(abs_res).logical_not().logical_or(
-                                        abs_res > first_abs * opt.divergence));
-    steps = at::where(converged.logical_or(diverged), t + 1, steps);
-    status = at::where(converged, static_cast<int8_t>(Status::converged), status);
-    status = at::where(diverged, static_cast<int8_t>(Status::diverged), status);
-    active = active.logical_and(converged.logical_not()).logical_and(diverged.logical_not());
-    if (!active.any().item<bool>()) {
-      ++t;
-      break;
-    }
-    const at::Tensor z_next = anderson ? anderson->step(z, fz, z_picard, t) : z_picard;
-    // Stopped samples stay at their best iterate: finite, and independent of the rest of the batch.
-    z = at::where(per_sample(active, z), z_next, best_z);
+  Relaxation r(field, z0, opt, drive);
+#ifdef EQPROP_WITH_CUDA
+  if (graphed) {
+    int64_t t = 0;
+    const bool replayed = relax_graphed(r, opt, z0.device(), t);
+    return r.result(t, replayed);
   }
-
-  RelaxResult r;
-  r.z = best_z;
-  r.steps = steps;
-  r.abs_residual = best_abs;
-  r.rel_residual = best_rel;
-  r.trace_abs = opt.trace ? at::stack(trace_abs) : at::empty({0, B}, ropts);
-  r.trace_rel = opt.trace ? at::stack(trace_rel) : at::empty({0, B}, ropts);
-  r.status = status;
-  r.n_evals = t;
-  return r;
+#endif
+  TORCH_CHECK(!graphed, "eqprop was built without CUDA: cannot replay CUDA graphs");
+  int64_t t = 0;
+  while (t < opt.max_steps) {
+    r.step(t++);
+    if ((t % opt.check_every == 0 || t == opt.max_steps) && !r.any_active()) break;
+  }
+  return r.result(t, false);
 }
 
 namespace {

@@ -19,6 +19,9 @@ enum class Stop { abs, rel };
 enum class Method { picard, anderson };
 // Per-sample outcome; int8 codes in RelaxResult::status.
 enum class Status : int8_t { converged = 0, max_steps = 1, diverged = 2 };
+// Replay the relaxation step as a CUDA graph: auto = when it can (CUDA state, Picard, no drive,
+// a field that declares itself capturable); on = demand it (an error says why it cannot).
+enum class CudaGraph { off, on, automatic };
 
 struct RelaxOptions {
   int64_t max_steps = 100;   // F evaluations at most
@@ -30,11 +33,18 @@ struct RelaxOptions {
   double anderson_reg = 1e-8;  // Tikhonov λ relative to the mean diagonal of the Gram matrix
   double divergence = 1e4;   // diverged: residual non-finite or > divergence × the first residual
   bool trace = true;         // keep the residual trace [T, B]
+  // The host asks "has every sample stopped?" (one device sync) after every `check_every` steps;
+  // a CUDA graph holds that many steps. Larger values save syncs and launches and may evaluate up
+  // to check_every − 1 batched steps after the last sample stopped (counted in n_evals; they
+  // change nothing: stopped samples are frozen).
+  int64_t check_every = 1;
+  CudaGraph cuda_graph = CudaGraph::automatic;
 };
 
 // Parse "rel"/"abs" and "picard"/"anderson", naming the argument and the valid values on error.
 Stop parse_stop(const std::string& s);
 Method parse_method(const std::string& s);
+CudaGraph parse_cuda_graph(const std::string& s);  // "auto" / "on" / "off"
 void check_options(const RelaxOptions& opt);
 
 // An additive drive d(z) turns the relaxation into dz/dt = F(z) + d(z) − z: the nudged phase of
@@ -50,6 +60,7 @@ struct RelaxResult {
   at::Tensor trace_rel;   // [T, B]
   at::Tensor status;      // [B] int8 (Status)
   int64_t n_evals = 0;    // batched F evaluations
+  bool cuda_graph = false;  // whether steps were replayed as a CUDA graph
 };
 
 RelaxResult relax(VectorField& field, const at::Tensor& z0, const RelaxOptions& opt,

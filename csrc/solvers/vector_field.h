@@ -41,6 +41,10 @@ class VectorField {
   virtual std::vector<at::Tensor> parameters() = 0;
 
   // --- optional, with defaults (added by the engine; subclasses need not override) --------------
+  // Whether eval() (with autograd off) may be captured in a CUDA graph and replayed: no host
+  // synchronization, no host-to-device copies, and it reads only tensors at fixed addresses (z,
+  // its bound x, weights that stay put for the call). False unless a field promises it.
+  virtual bool cuda_graph_safe() const { return false; }
   // Names of parameters(), same order; default "param0", "param1", ...
   virtual std::vector<std::string> parameter_names() {
     std::vector<std::string> names;

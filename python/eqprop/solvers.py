@@ -39,6 +39,14 @@ class RelaxOptions:
     ``stop="rel"`` stops a sample at ``||F(z) - z|| / ||F(z)|| <= tol``, ``"abs"`` at
     ``||F(z) - z|| <= tol``; a sample is *diverged* when its residual is non-finite or exceeds
     ``divergence`` times its first residual.
+
+    ``check_every``: the host checks whether every sample has stopped (one device sync) after
+    every that many steps; larger values save syncs (and, with a CUDA graph, launches) at the cost
+    of up to ``check_every - 1`` batched steps after the last sample stopped, counted in
+    ``n_evals`` (per-sample results do not change: stopped samples are frozen).
+    ``cuda_graph``: replay the step as a CUDA graph — None (auto) does when the state is on CUDA,
+    the solver is Picard, there is no ``drive`` and the field is a native block field; True
+    demands it (ValueError saying why not); False never.
     """
 
     max_steps: int = 100
@@ -47,10 +55,11 @@ class RelaxOptions:
     stop: str = "rel"
     solver: str = "picard"
     anderson_m: int = 5
-    eps: float = 1.0
     anderson_reg: float = 1e-8
     divergence: float = 1e4
     trace: bool = True
+    check_every: int = 1
+    cuda_graph: Optional[bool] = None
 
     @classmethod
     def from_kwargs(cls, where: str, kwargs: dict) -> "RelaxOptions":
@@ -67,8 +76,9 @@ class RelaxInfo:
 
     steps [B] (int64): F evaluations until the sample stopped; abs_lowest / rel_lowest [B]: the abs
     and rel residual of the returned (lowest-residual, by ``stop``) iterate; trace_abs / trace_rel
-    [T, B]: residuals of every evaluated iterate; status [B] (int8, see ``STATUS_NAMES``);
-    n_evals: batched F evaluations.
+    [T, B]: residuals of every evaluated iterate up to the step the last sample stopped at;
+    status [B] (int8, see ``STATUS_NAMES``); n_evals: batched F evaluations; cuda_graph: whether
+    steps were replayed as a CUDA graph (the first step always runs eagerly).
     """
 
     steps: torch.Tensor
@@ -78,6 +88,7 @@ class RelaxInfo:
     trace_rel: torch.Tensor
     status: torch.Tensor
     n_evals: int
+    cuda_graph: bool = False
     backward: dict = dc_field(default_factory=dict)
 
     @property
@@ -153,13 +164,28 @@ def _initial_state(x: Optional[torch.Tensor], z0: Optional[torch.Tensor]) -> tor
 def _info(d: dict) -> RelaxInfo:
     return RelaxInfo(steps=d["steps"], abs_lowest=d["abs_residual"], rel_lowest=d["rel_residual"],
                      trace_abs=d["trace_abs"], trace_rel=d["trace_rel"], status=d["status"],
-                     n_evals=int(d["n_evals"]))
+                     n_evals=int(d["n_evals"]), cuda_graph=bool(d["cuda_graph"]))
+
+
+def _int_option(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    return v
+
+
+def _graph_mode(v: Optional[bool]) -> str:
+    if v is None:
+        return "auto"
+    if not isinstance(v, bool):
+        raise TypeError(f"cuda_graph must be None (auto), True or False, got {v!r}")
+    return "on" if v else "off"
 
 
 def _relax(fld, z0: torch.Tensor, opts: RelaxOptions, drive=None) -> tuple[torch.Tensor, RelaxInfo]:
     d = _C.relax(fld, z0, int(opts.max_steps), float(opts.eps), float(opts.tol), str(opts.stop),
                  str(opts.solver), int(opts.anderson_m), float(opts.anderson_reg), float(opts.divergence),
-                 bool(opts.trace), drive)
+                 bool(opts.trace), _int_option("check_every", opts.check_every),
+                 _graph_mode(opts.cuda_graph), drive)
     info = _info(d)
     if bool(info.diverged.any()):
         log.warning("relax: %d of %d samples diverged", int(info.diverged.sum()), info.status.numel())
@@ -169,7 +195,8 @@ def _relax(fld, z0: torch.Tensor, opts: RelaxOptions, drive=None) -> tuple[torch
 def relax(f: Any, x: Optional[torch.Tensor], *, z0: Optional[torch.Tensor] = None, max_steps: int = 100,
           eps: float = 1.0, tol: float = 1e-4, stop: str = "rel", solver: str = "picard",
           anderson_m: int = 5, anderson_reg: float = 1e-8, divergence: float = 1e4,
-          trace: bool = True, drive: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+          trace: bool = True, check_every: int = 1, cuda_graph: Optional[bool] = None,
+          drive: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
           ) -> tuple[torch.Tensor, RelaxInfo]:
     """Relax to the fixed point z* = F(z*; x) (DESIGN.md §4), never differentiated through.
 
@@ -180,13 +207,15 @@ def relax(f: Any, x: Optional[torch.Tensor], *, z0: Optional[torch.Tensor] = Non
     :class:`RelaxInfo`. Divergence is reported per sample in ``info.status``, never raised.
     ``drive(z)`` (optional, [B, ...] -> [B, ...]) is added to F: the relaxation then follows
     dz/dt = F(z) + drive(z) - z, the nudged phase of EP with drive = -β ∂ℓ/∂z + c(z) (DESIGN.md §5);
-    residuals are those of the driven field.
+    residuals are those of the driven field. ``check_every`` and ``cuda_graph``: see
+    :class:`RelaxOptions`.
 
     Example: ``z, info = eqprop.relax(lambda z, x: 0.5 * torch.tanh(z) + x, torch.randn(4, 8))``.
     """
     fld = as_field(f, x)
     opts = RelaxOptions(max_steps=max_steps, eps=eps, tol=tol, stop=stop, solver=solver,
-                        anderson_m=anderson_m, anderson_reg=anderson_reg, divergence=divergence, trace=trace)
+                        anderson_m=anderson_m, anderson_reg=anderson_reg, divergence=divergence, trace=trace,
+                        check_every=check_every, cuda_graph=cuda_graph)
     if drive is not None and not callable(drive):
         raise TypeError(f"drive must be callable as drive(z) or None, got {type(drive).__name__}")
     return _relax(fld, _initial_state(x, z0), opts, drive)
