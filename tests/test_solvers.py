@@ -462,6 +462,16 @@ def test_check_every_changes_nothing_but_the_wasted_evaluations(solver, check_ev
         assert not ik.cuda_graph and not i1.cuda_graph
 
 
+@pytest.mark.parametrize("check_every", [1, 5])
+def test_trace_grows_with_the_steps_run_not_with_max_steps(check_every):
+    """max_steps = 1e12 ("until converged"): nothing of that size is allocated."""
+    f = Scaled(torch.tensor([0.5, 0.25], dtype=torch.float64))
+    z, info = eqprop.relax(f, torch.ones(2, 3, dtype=torch.float64), max_steps=10**12, tol=1e-10, stop="abs",
+                           check_every=check_every)
+    torch.testing.assert_close(z, torch.tensor([[2.0] * 3, [4 / 3] * 3], dtype=torch.float64), rtol=0, atol=1e-9)
+    assert info.trace_abs.shape == (int(info.steps.max()), 2) and info.n_evals < int(info.steps.max()) + check_every
+
+
 def test_check_every_reaches_the_solvers_and_estimators():
     blk, x = _blend_block()
     loss = lambda z: z.square().sum()  # noqa: E731

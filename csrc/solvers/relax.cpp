@@ -235,7 +235,10 @@ class Anderson {
 
 // The state of one relaxation, updated in place: every tensor a step reads or writes lives at a
 // fixed address, so the step can be captured once as a CUDA graph and replayed. The step index is
-// a device tensor for the same reason; a step never synchronizes with the host.
+// a device tensor for the same reason; a step never synchronizes with the host. Steps run in groups
+// of at most check_every (one graph replay, or eager steps) between begin_group / end_group: a
+// step writes its residuals into row t − t_group of a [check_every, B] buffer, and end_group keeps
+// the group's rows, so the trace grows with the steps run, not with max_steps.
 class Relaxation {
  public:
   Relaxation(VectorField& field, const at::Tensor& z0, const RelaxOptions& opt, const Drive& drive)
@@ -252,8 +255,9 @@ class Relaxation {
     steps = at::full({B}, opt.max_steps, z0.options().dtype(at::kLong));
     status = at::full({B}, static_cast<int8_t>(Status::max_steps), z0.options().dtype(at::kChar));
     t_ = at::zeros({1}, z0.options().dtype(at::kLong));
-    trace_abs = at::zeros({opt.trace ? opt.max_steps : 0, B}, ropts);
-    trace_rel = at::zeros_like(trace_abs);
+    t_group_ = at::zeros({1}, z0.options().dtype(at::kLong));
+    group_abs_ = at::zeros({opt.trace ? opt.check_every : 0, B}, ropts);
+    group_rel_ = at::zeros_like(group_abs_);
     if (opt.method == Method::anderson) anderson_ = std::make_unique<Anderson>(z, opt.anderson_m, opt.eps, opt.anderson_reg);
   }
 
@@ -271,8 +275,9 @@ class Relaxation {
     const at::Tensor abs_res = res_sq.sqrt();                           // [B]
     const at::Tensor rel_res = abs_res / f_sq.sqrt().clamp_min(kTiny);  // [B]
     if (opt_.trace) {
-      trace_abs.index_copy_(0, t_, abs_res.unsqueeze(0));
-      trace_rel.index_copy_(0, t_, rel_res.unsqueeze(0));
+      const at::Tensor row = t_ - t_group_;
+      group_abs_.index_copy_(0, row, abs_res.unsqueeze(0));
+      group_rel_.index_copy_(0, row, rel_res.unsqueeze(0));
     }
     if (t == 0) first_abs.copy_(abs_res.clamp_min(kTiny));
     const at::Tensor& metric = opt_.stop == Stop::rel ? rel_res : abs_res;
@@ -298,7 +303,29 @@ class Relaxation {
     t_.add_(1);
   }
 
+  // Around each group of n steps starting at step t (n ≤ check_every).
+  void begin_group(int64_t t) { t_group_.fill_(t); }
+  void end_group(int64_t n) {
+    if (!opt_.trace) return;
+    trace_abs_.push_back(group_abs_.narrow(0, 0, n).clone());
+    trace_rel_.push_back(group_rel_.narrow(0, 0, n).clone());
+  }
+
   bool any_active() const { return active.any().item<bool>(); }
+
+  // Eager groups of check_every steps from step t until no sample runs or max_steps; returns the
+  // number of steps evaluated.
+  int64_t run_eager(int64_t t) {
+    while (t < opt_.max_steps) {
+      const int64_t n = std::min(opt_.check_every, opt_.max_steps - t);
+      begin_group(t);
+      for (int64_t i = 0; i < n; ++i) step(t + i);
+      end_group(n);
+      t += n;
+      if (!any_active()) break;
+    }
+    return t;
+  }
 
   RelaxResult result(int64_t n_evals, bool replayed_graph) const {
     RelaxResult r;
@@ -308,22 +335,30 @@ class Relaxation {
     r.rel_residual = best_rel;
     // Rows up to the step at which the last sample stopped; later ones (check_every > 1) only
     // re-evaluate frozen samples.
-    const int64_t rows = opt_.trace ? steps.max().item<int64_t>() : 0;
-    r.trace_abs = trace_abs.narrow(0, 0, rows);
-    r.trace_rel = trace_rel.narrow(0, 0, rows);
+    if (opt_.trace) {
+      const int64_t rows = steps.max().item<int64_t>();
+      r.trace_abs = at::cat(trace_abs_).narrow(0, 0, rows);
+      r.trace_rel = at::cat(trace_rel_).narrow(0, 0, rows);
+    } else {
+      r.trace_abs = at::empty({0, z.size(0)}, best_abs.options());
+      r.trace_rel = r.trace_abs;
+    }
     r.status = status;
     r.n_evals = n_evals;
     r.cuda_graph = replayed_graph;
     return r;
   }
 
-  at::Tensor z, best_z, best_metric, best_abs, best_rel, first_abs, active, steps, status, trace_abs, trace_rel;
+  at::Tensor z, best_z, best_metric, best_abs, best_rel, first_abs, active, steps, status;
 
  private:
   VectorField& field_;
   const RelaxOptions& opt_;
   const Drive& drive_;
-  at::Tensor t_;  // [1] int64: the index of the step being evaluated
+  at::Tensor t_;        // [1] int64: the index of the step being evaluated
+  at::Tensor t_group_;  // [1] int64: the index of the group's first step
+  at::Tensor group_abs_, group_rel_;  // [check_every, B] this group's residuals
+  std::vector<at::Tensor> trace_abs_, trace_rel_;  // the rows of finished groups
   std::unique_ptr<Anderson> anderson_;
 };
 
@@ -358,17 +393,19 @@ void stream_wait(const c10::cuda::CUDAStream& waiter, const c10::cuda::CUDAStrea
 // shorter than a graph runs eagerly. A capture that fails (an operation the field runs is not
 // capturable) changes no state, since capturing executes nothing: with cuda_graph = auto the
 // relaxation goes on eagerly with a warning, with cuda_graph = on the error is raised.
-// Sets `t` to the number of batched steps evaluated; returns whether a graph was replayed.
-bool relax_graphed(Relaxation& r, const RelaxOptions& opt, const at::Device& device, int64_t& t) {
+// Returns the number of batched steps evaluated and whether a graph was replayed.
+std::pair<int64_t, bool> relax_graphed(Relaxation& r, const RelaxOptions& opt, const at::Device& device) {
   const c10::cuda::CUDAGuard device_guard(device);
   const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream();
   const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
   stream_wait(side, caller);
   bool replayed = false;
-  t = 0;
+  int64_t t = 0;
   {
     const c10::cuda::CUDAStreamGuard stream_guard(side);
+    r.begin_group(0);
     r.step(t++);
+    r.end_group(1);
     bool running = r.any_active();
     const int64_t k = std::min(opt.check_every, opt.max_steps - t);
     if (running && k > 0) {
@@ -390,18 +427,17 @@ bool relax_graphed(Relaxation& r, const RelaxOptions& opt, const at::Device& dev
         TORCH_WARN("relax: capturing the step as a CUDA graph failed, relaxing eagerly instead: ", err.what());
       }
       for (; captured && running && opt.max_steps - t >= k; t += k) {
+        r.begin_group(t);
         graph.replay();
+        r.end_group(k);
         replayed = true;
         running = r.any_active();
       }
     }
-    for (; running && t < opt.max_steps; ++t) {
-      r.step(t);
-      running = r.any_active();
-    }
+    if (running) t = r.run_eager(t);  // the tail (everything, if the capture failed)
   }
   stream_wait(caller, side);
-  return replayed;
+  return {t, replayed};
 }
 #endif
 
@@ -415,18 +451,12 @@ RelaxResult relax(VectorField& field, const at::Tensor& z0, const RelaxOptions& 
   Relaxation r(field, z0, opt, drive);
 #ifdef EQPROP_WITH_CUDA
   if (graphed) {
-    int64_t t = 0;
-    const bool replayed = relax_graphed(r, opt, z0.device(), t);
-    return r.result(t, replayed);
+    const auto [steps, replayed] = relax_graphed(r, opt, z0.device());
+    return r.result(steps, replayed);
   }
 #endif
   TORCH_CHECK(!graphed, "eqprop was built without CUDA: cannot replay CUDA graphs");
-  int64_t t = 0;
-  while (t < opt.max_steps) {
-    r.step(t++);
-    if ((t % opt.check_every == 0 || t == opt.max_steps) && !r.any_active()) break;
-  }
-  return r.result(t, false);
+  return r.result(r.run_eager(0), false);
 }
 
 namespace {
