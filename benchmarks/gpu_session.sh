@@ -17,6 +17,7 @@ if ! python3 -m pip install --no-build-isolation --no-deps . >"$OUT/build.log" 2
   tail -40 "$OUT/build.log"
   exit 1
 fi
+nvcc --version | tail -2
 python3 -c "import eqprop, torch; print(eqprop.build_info(), torch.cuda.get_device_name())"
 
 cd "$REPO/benchmarks"

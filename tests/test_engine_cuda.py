@@ -58,14 +58,17 @@ def _pair(dtype, B=4, T=16, C=32, H=4, **kw):
     return blk, x, gpu, x.to(device="cuda", dtype=dtype)
 
 
-@pytest.mark.parametrize("check_every", [1, 4, 7])
+@pytest.mark.parametrize("check_every,stop,trace", [(1, "rel", True), (4, "rel", True), (7, "abs", False),
+                                                    (40, "rel", True)])
 @pytest.mark.parametrize("attention", ["softmax", "energy"])
-def test_graph_replay_equals_eager_steps_float64(check_every, attention):
+def test_graph_replay_equals_eager_steps_float64(check_every, stop, trace, attention):
     """float64: the replayed graph runs the eager step's kernels, so z, steps, status and the trace
-    agree with eager CUDA steps and with the CPU to rounding; max_steps = 45 leaves a tail shorter
-    than a graph for check_every = 4 and 7."""
+    agree with eager CUDA steps and with the CPU to rounding. The softmax block converges in about
+    20 steps (samples stop inside replays); this energy block does not converge in 45 (every step
+    replayed). max_steps = 45 leaves a tail shorter than a graph for check_every = 4 and 7, and
+    check_every = 40 is captured as graphs of 32 steps."""
     blk, x, gblk, gx = _pair(torch.float64, attention=attention)
-    kw = dict(tol=1e-11, max_steps=45)
+    kw = dict(tol=1e-11, max_steps=45, stop=stop, trace=trace)
     z_cpu, i_cpu = eqprop.relax(blk, x, **kw)
     z_eag, i_eag = eqprop.relax(gblk, gx, cuda_graph=False, **kw)
     z_gr, i_gr = eqprop.relax(gblk, gx, cuda_graph=True, check_every=check_every, **kw)
@@ -75,12 +78,12 @@ def test_graph_replay_equals_eager_steps_float64(check_every, attention):
         assert torch.equal(i.steps.cpu(), i_cpu.steps) and torch.equal(i.status.cpu(), i_cpu.status)
         torch.testing.assert_close(i.trace_rel.cpu(), i_cpu.trace_rel, rtol=1e-6, atol=1e-12)
     last = int(i_gr.steps.max())
-    assert last <= i_gr.n_evals < last + check_every
+    assert last <= i_gr.n_evals < last + check_every and i_gr.trace_abs.shape[0] == (last if trace else 0)
 
 
-@pytest.mark.parametrize("dtype,tol,err", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 5e-3, 2e-2)])
+@pytest.mark.parametrize("dtype,tol,err", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-2, 2e-2)])
 def test_graph_replay_low_precision(dtype, tol, err):
-    """float32 (SDPA's efficient kernel) and bfloat16 (flash; its rel residual floors near 1.5e-3):
+    """float32 (SDPA's efficient kernel) and bfloat16 (flash; on the CPU its rel residual floors near 1.5e-3):
     graph = eager CUDA steps, and the fixed point is the float64 CPU one to the precision's
     rounding (relative error in norm ≤ err)."""
     blk, x, gblk, gx = _pair(dtype, T=64)
@@ -114,6 +117,20 @@ def test_graph_replay_on_a_user_stream_and_in_fixed_point():
         grads.append([p.grad.clone() for p in gblk.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_graph_memory_does_not_grow_across_calls():
+    """Each call captures a graph; they share one memory pool per thread and device, so the
+    allocator's reserve is flat after the first calls (a private pool per call would grow it)."""
+    _, _, gblk, gx = _pair(torch.float32, B=8, T=64)
+    for _ in range(3):
+        eqprop.relax(gblk, gx, tol=0.0, max_steps=10)
+    torch.cuda.synchronize()
+    reserved = torch.cuda.memory_reserved()
+    for _ in range(30):
+        assert eqprop.relax(gblk, gx, tol=0.0, max_steps=10)[1].cuda_graph
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_reserved() == reserved
 
 
 def test_graph_refusals_on_cuda():

@@ -561,6 +561,11 @@ Weights BlockField::cached_weights() {
   return cache_;
 }
 
+std::shared_ptr<void> BlockField::prepare_capture() {
+  const at::NoGradGuard no_grad;
+  return std::make_shared<Weights>(cached_weights());
+}
+
 at::Tensor BlockField::eval(const at::Tensor& z) {
   TORCH_CHECK_VALUE(z.defined(), "z must be a tensor, got None");
   TORCH_CHECK_VALUE(z.sizes() == x_.sizes(), "z must have the shape of the bound x ", x_.sizes(), ", got ",

@@ -147,6 +147,8 @@ class BlockField : public eqprop::AutogradField {
   // With autograd off, eval is ATen kernels on z, x and the cached weights (built on the first
   // call, before any capture): no syncs, no host copies.
   bool cuda_graph_safe() const override { return true; }
+  // Builds the weight cache and holds that snapshot: a captured eval reads its addresses.
+  std::shared_ptr<void> prepare_capture() override;
   const at::Tensor& x() const { return x_; }
   const BlockConfig& config() const { return cfg_; }
 

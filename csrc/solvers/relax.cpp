@@ -12,11 +12,13 @@
 
 #include <cmath>
 #include <limits>
+#include <map>
 #include <vector>
 
 #ifdef EQPROP_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -387,56 +389,95 @@ void stream_wait(const c10::cuda::CUDAStream& waiter, const c10::cuda::CUDAStrea
   C10_CUDA_CHECK(cudaEventDestroy(ev));
 }
 
-// The first step runs eagerly on a side stream (lazy initialization — the field's weight cache,
-// cuBLAS workspaces — must not happen inside a capture); then `check_every` steps are captured
-// once and the graph is replayed, the host checking for running samples between replays; a tail
-// shorter than a graph runs eagerly. A capture that fails (an operation the field runs is not
-// capturable) changes no state, since capturing executes nothing: with cuda_graph = auto the
-// relaxation goes on eagerly with a warning, with cuda_graph = on the error is raised.
+// Per thread and device: one side stream (cuBLAS keeps a workspace per stream, so round-robin
+// pool streams would grow 32 of them) and one graph memory pool, held for the thread's life. A
+// graph is destroyed before the same thread captures the next, so successive captures can share
+// the pool and reuse its blocks; a fresh private pool per call would only be released when the
+// allocator runs out of memory.
+struct CaptureResources {
+  c10::cuda::CUDAStream stream;
+  decltype(at::cuda::graph_pool_handle()) pool;  // MempoolId_t, whose namespace moved between torch versions
+};
+const CaptureResources& capture_resources(c10::DeviceIndex device) {
+  thread_local std::map<c10::DeviceIndex, CaptureResources> per_device;
+  auto it = per_device.find(device);
+  if (it == per_device.end()) {
+    const auto pool = at::cuda::graph_pool_handle();
+    // The pool's first reference (routing nothing), never released: it is never freed, so later
+    // captures into it find its blocks.
+    c10::cuda::CUDACachingAllocator::beginAllocateToPool(device, pool, [](cudaStream_t) { return false; });
+    c10::cuda::CUDACachingAllocator::endAllocateToPool(device, pool);
+    it = per_device.emplace(device, CaptureResources{c10::cuda::getStreamFromPool(false, device), pool}).first;
+  }
+  return it->second;
+}
+
+// The caller's stream waits for the side stream however the relaxation ends.
+struct JoinStream {
+  c10::cuda::CUDAStream caller, side;
+  ~JoinStream() {
+    try {
+      stream_wait(caller, side);
+    } catch (...) {  // an error already propagating says more
+    }
+  }
+};
+
+// Steps per graph at most: capture and instantiation grow with the nodes; past a few dozen steps
+// launches are amortized anyway.
+constexpr int64_t kMaxGraphSteps = 32;
+
+// The first step runs eagerly on the side stream (lazy initialization — cuBLAS workspaces — must
+// not happen inside a capture); then min(check_every, 32) steps are captured once and the graph is
+// replayed, the host checking for running samples between replays; a tail shorter than a graph
+// runs eagerly. A capture that fails (an operation of the field is not capturable) executes
+// nothing, so no state changed: the capture is closed and its allocator routing removed; with
+// cuda_graph = auto the relaxation goes on eagerly with a warning, with on the error is raised.
 // Returns the number of batched steps evaluated and whether a graph was replayed.
 std::pair<int64_t, bool> relax_graphed(Relaxation& r, const RelaxOptions& opt, const at::Device& device) {
   const c10::cuda::CUDAGuard device_guard(device);
-  const c10::cuda::CUDAStream caller = c10::cuda::getCurrentCUDAStream();
-  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
-  stream_wait(side, caller);
+  const CaptureResources& res = capture_resources(device.index());
+  const JoinStream join{c10::cuda::getCurrentCUDAStream(), res.stream};
+  stream_wait(join.side, join.caller);
+  const c10::cuda::CUDAStreamGuard stream_guard(res.stream);
   bool replayed = false;
   int64_t t = 0;
-  {
-    const c10::cuda::CUDAStreamGuard stream_guard(side);
-    r.begin_group(0);
-    r.step(t++);
-    r.end_group(1);
-    bool running = r.any_active();
-    const int64_t k = std::min(opt.check_every, opt.max_steps - t);
-    if (running && k > 0) {
-      at::cuda::CUDAGraph graph;
-      bool captured = false;
-      graph.capture_begin();
+  r.begin_group(0);
+  r.step(t++);
+  r.end_group(1);
+  bool running = r.any_active();
+  const int64_t k = std::min({opt.check_every, kMaxGraphSteps, opt.max_steps - t});
+  if (running && k > 0) {
+    at::cuda::CUDAGraph graph;
+    bool captured = false;
+    // Thread-local mode: other threads' CUDA calls (the GIL is released) cannot break this capture.
+    graph.capture_begin(res.pool, cudaStreamCaptureModeThreadLocal);
+    try {
+      for (int64_t i = 0; i < k; ++i) r.step(t + i);
+      graph.capture_end();
+      captured = true;
+    } catch (const std::exception& err) {
       try {
-        for (int64_t i = 0; i < k; ++i) r.step(t + i);
-        graph.capture_end();
-        captured = true;
-      } catch (const std::exception& err) {
-        if (!captured) {
-          try {
-            graph.capture_end();  // leave the stream out of capture mode
-          } catch (...) {
-          }
-        }
-        if (opt.cuda_graph == CudaGraph::on) throw;
-        TORCH_WARN("relax: capturing the step as a CUDA graph failed, relaxing eagerly instead: ", err.what());
+        graph.capture_end();  // take the stream out of capture mode
+      } catch (...) {
       }
-      for (; captured && running && opt.max_steps - t >= k; t += k) {
-        r.begin_group(t);
-        graph.replay();
-        r.end_group(k);
-        replayed = true;
-        running = r.any_active();
+      try {  // capture_end stops routing allocations to the pool only when it succeeds
+        c10::cuda::CUDACachingAllocator::endAllocateToPool(device.index(), res.pool);
+      } catch (...) {
       }
+      (void)cudaGetLastError();  // capture errors are not sticky; clear the last one
+      if (opt.cuda_graph == CudaGraph::on) throw;
+      TORCH_WARN("relax: capturing the step as a CUDA graph failed, relaxing eagerly instead: ", err.what());
     }
-    if (running) t = r.run_eager(t);  // the tail (everything, if the capture failed)
+    for (; captured && running && opt.max_steps - t >= k; t += k) {
+      r.begin_group(t);
+      graph.replay();
+      r.end_group(k);
+      replayed = true;
+      running = r.any_active();
+    }
   }
-  stream_wait(caller, side);
+  if (running) t = r.run_eager(t);  // the tail (everything, if the capture failed)
   return {t, replayed};
 }
 #endif
@@ -451,6 +492,7 @@ RelaxResult relax(VectorField& field, const at::Tensor& z0, const RelaxOptions& 
   Relaxation r(field, z0, opt, drive);
 #ifdef EQPROP_WITH_CUDA
   if (graphed) {
+    const std::shared_ptr<void> pinned = field.prepare_capture();
     const auto [steps, replayed] = relax_graphed(r, opt, z0.device());
     return r.result(steps, replayed);
   }

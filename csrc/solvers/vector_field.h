@@ -45,6 +45,10 @@ class VectorField {
   // synchronization, no host-to-device copies, and it reads only tensors at fixed addresses (z,
   // its bound x, weights that stay put for the call). False unless a field promises it.
   virtual bool cuda_graph_safe() const { return false; }
+  // Called once before relaxation steps are captured, on the caller's stream: build what eval()
+  // makes lazily (so it is not made inside a capture or on a side stream) and return a handle
+  // that keeps alive, for the whole call, every tensor a captured eval() reads.
+  virtual std::shared_ptr<void> prepare_capture() { return nullptr; }
   // Names of parameters(), same order; default "param0", "param1", ...
   virtual std::vector<std::string> parameter_names() {
     std::vector<std::string> names;
