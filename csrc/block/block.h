@@ -144,8 +144,8 @@ class BlockField : public eqprop::AutogradField {
   at::Tensor eval(const at::Tensor& z) override;
   std::vector<at::Tensor> parameters() override { return params_; }
   std::vector<std::string> parameter_names() override;
-  // With autograd off, eval is ATen kernels on z, x and the cached weights (built on the first
-  // call, before any capture): no syncs, no host copies.
+  // With autograd off, eval is ATen kernels on z, x and the cached weights (built by
+  // prepare_capture, before any capture): no syncs, no host copies.
   bool cuda_graph_safe() const override { return true; }
   // Builds the weight cache and holds that snapshot: a captured eval reads its addresses.
   std::shared_ptr<void> prepare_capture() override;

@@ -258,7 +258,7 @@ class Relaxation {
     status = at::full({B}, static_cast<int8_t>(Status::max_steps), z0.options().dtype(at::kChar));
     t_ = at::zeros({1}, z0.options().dtype(at::kLong));
     t_group_ = at::zeros({1}, z0.options().dtype(at::kLong));
-    group_abs_ = at::zeros({opt.trace ? opt.check_every : 0, B}, ropts);
+    group_abs_ = at::zeros({opt.trace ? std::min(opt.check_every, opt.max_steps) : 0, B}, ropts);
     group_rel_ = at::zeros_like(group_abs_);
     if (opt.method == Method::anderson) anderson_ = std::make_unique<Anderson>(z, opt.anderson_m, opt.eps, opt.anderson_reg);
   }

@@ -33,8 +33,8 @@ struct RelaxOptions {
   double anderson_reg = 1e-8;  // Tikhonov λ relative to the mean diagonal of the Gram matrix
   double divergence = 1e4;   // diverged: residual non-finite or > divergence × the first residual
   bool trace = true;         // keep the residual trace [T, B]
-  // The host asks "has every sample stopped?" (one device sync) after every `check_every` steps;
-  // a CUDA graph holds that many steps. Larger values save syncs and launches and may evaluate up
+  // The host asks "has every sample stopped?" (one device sync) after every `check_every` steps
+  // (a CUDA graph holds min(check_every, 32) steps, and the host asks after each replay). Larger values save syncs and launches and may evaluate up
   // to check_every − 1 batched steps after the last sample stopped (counted in n_evals; they
   // change nothing: stopped samples are frozen).
   int64_t check_every = 1;
