@@ -124,7 +124,10 @@ class StrictConfig:
             if not isinstance(value, (tuple, list)):
                 raise bad
             (item,) = typing.get_args(base)[:1]
-            return tuple(self._coerce(name, item, v) for v in value)
+            try:
+                return tuple(self._coerce(name, item, v) for v in value)
+            except TypeError:
+                raise bad from None
         if base is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise bad
