@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from eqprop import markov
 import eqprop
-from eqprop.models import POS_ENCODINGS, Transformer, alibi_bias, alibi_slopes, apply_rope, next_token_nll, sinusoidal_table
+from eqprop.models import (POS_ENCODINGS, Transformer, alibi_bias, alibi_slopes, apply_rope, next_token_nll,
+                           sinusoidal_table)
 from testing import devices
 
 
@@ -29,7 +30,8 @@ def test_nll_convention_gives_zero_gap_for_the_bayes_predictive(k):
     x = markov.sample(16, k, seed=5)
     logits, b = _bayes_logits(x, k)
     nll = next_token_nll(logits, x)
-    assert nll[:, 0].allclose(torch.full((16,), math.log(2)))
+    assert nll.dtype == torch.float64  # float64 logits keep float64 (bf16 / float32 ones give float32)
+    assert nll[:, 0].allclose(torch.full((16,), math.log(2), dtype=torch.float64))
     assert torch.allclose(nll[:, 1:].double(), b[:, 1:], atol=1e-5)
     gap, se = markov.gap_pct(nll, b.float(), k)
     assert abs(gap) < 1e-3 and se < 1e-3

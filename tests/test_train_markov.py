@@ -44,7 +44,8 @@ def test_config_rejects_unknown_keys_and_lists_valid_ones():
         tm.TrainConfig.from_dict({"k": 3, "n_layers": 4})
     with pytest.raises(TypeError, match="learning_rate"):
         tm.TrainConfig().replace(learning_rate=1.0)
-    with pytest.raises(ValueError, match=r"TrainConfig.schedule must be one of \('cosine', 'wsd', 'constant'\), got 'linear'"):
+    with pytest.raises(ValueError,
+                       match=r"TrainConfig.schedule must be one of \('cosine', 'wsd', 'constant'\), got 'linear'"):
         tm.TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match=r"TrainConfig.min_lr must be in \[0, lr=0.001\], got 0.01"):
         tm.TrainConfig(lr=1e-3, min_lr=1e-2)

@@ -11,10 +11,13 @@ from typing import Optional, Sequence
 
 
 def _markov_bayes(args: argparse.Namespace) -> int:
-    """Sample Markov-k sequences and report the exact Bayes NLL next to DESIGN.md §8's anchors."""
+    """Sample Markov-k sequences and report the exact Bayes NLL next to the anchors of docs/design.md §8."""
     import torch
 
     from eqprop import markov
+    from eqprop.train.core import resolve_device
+
+    args.device = resolve_device(args.device)  # a clear error for cuda on a torch without CUDA
 
     rows = []
     header = f"{'k':>2} {'L':>6} {'Bayes NLL/token':>16} {'+-SE':>8} {'anchor':>7} {'z':>6} " \

@@ -249,9 +249,11 @@ class RunConfig(StrictConfig):
     max_steps: int = option(400, "optimizer steps")
     # memory / speed
     bf16: bool = option(False, "bf16 autocast for the forward pass")
-    device: str = option("auto", metavar="DEVICE", help="auto | cpu | cuda | cuda:N (under torchrun each rank takes cuda:LOCAL_RANK)")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N (under torchrun each rank takes cuda:LOCAL_RANK)",
+                         metavar="DEVICE")
     # evaluation
     eval_every: int = option(50, "steps between evaluations")
+    early_stop: bool = option(True, "end the run when the trainer's target is reached (see its stop rule)")
     # bookkeeping
     seed: int = option(0, "seed of the model init and the training stream")
     out_dir: str = option("runs/run", "where artifacts go", metavar="DIR")

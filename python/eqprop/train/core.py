@@ -42,7 +42,7 @@ Extension points -- a new trainer subclasses ``Task`` and overrides:
     train_batch(run, step, micro) -> batch              this rank's share of the global micro-batch
     loss(run, model, batch)   -> scalar tensor          call model(...) (the DDP wrapper), not a method
     evaluate(run, model)      -> {column: value}        must contain task.score (lower is better)
-    stop_reason(run, metrics) -> str | None             early stop
+    stop_reason(run, metrics) -> str | None             early stop (asked only when config.early_stop)
     final_evaluation(run, model) -> JSON-able           on best.pt at the end
     summarize(run, result)    -> object with to_dict()  what fit returns and writes to summary.json
     figures(run, result)      -> {name: (file name, draw(path))}
@@ -227,7 +227,8 @@ def resolve_device(device: str, local_rank: int = 0, world_size: int = 1) -> str
         index = int(device.split(":")[1]) if ":" in device else 0
         if world_size > 1:
             if ":" in device and index != local_rank:
-                log.warning("device=%r under torchrun: each rank uses its own GPU, this one cuda:%d", device, local_rank)
+                log.warning("device=%r under torchrun: each rank uses its own GPU, this one cuda:%d",
+                            device, local_rank)
             index = local_rank
         if index >= torch.cuda.device_count():
             raise ValueError(f"device={device!r}: needs GPU {index}, but only {torch.cuda.device_count()} are visible")
@@ -417,7 +418,7 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
 
     history, step = state["history"], state["step"]
     status, message, stop_signal = "max_steps", "", None
-    if state["status"] == "reached_target":
+    if state["status"] == "reached_target" and cfg.early_stop:
         status = "reached_target"
         message = f"resumed a run that had reached its target at step {step}: final evaluation only"
         log.info(message)
@@ -492,7 +493,7 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
                     state["best"], state["best_step"] = dict(metrics), step
                     if dist_info.is_main:
                         checkpoint(out_dir / "best.pt", history + [record])
-                reason = task.stop_reason(run, metrics)
+                reason = task.stop_reason(run, metrics) if cfg.early_stop else None
                 if reason:
                     status, message = "reached_target", reason
             if evaluated or step % cfg.log_every == 0 or step == cfg.max_steps:

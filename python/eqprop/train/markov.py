@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -90,7 +89,6 @@ class TrainConfig(RunConfig):
     final_eval_seeds: tuple[int, ...] = option((2_000_003, 3_000_017), "seeds of the two independent final eval sets",
                                             metavar="SEED")
     target_gap_pct: float = option(3.0, "gate, and early stop once gap + 2 SE <= target")
-    early_stop: bool = option(True, "stop when the eval gap + 2 SE <= target")
     out_dir: str = option("runs/markov", "where artifacts go", metavar="DIR")
 
     def checks(self) -> list:
@@ -256,7 +254,7 @@ class MarkovTask(Task):
         return {"eval_nll": ev.model_nll, "bayes_nll": ev.bayes_nll, "gap_pct": ev.gap_pct, "gap_se": ev.gap_se}
 
     def stop_reason(self, run: Run, m: dict) -> Optional[str]:
-        if self.cfg.early_stop and m["gap_pct"] + 2 * m["gap_se"] <= self.cfg.target_gap_pct:
+        if m["gap_pct"] + 2 * m["gap_se"] <= self.cfg.target_gap_pct:
             return f"eval gap {m['gap_pct']:.2f}% + 2 SE ({m['gap_se']:.2f}) <= target {self.cfg.target_gap_pct}%"
         return None
 
