@@ -185,7 +185,8 @@ def test_an_unwritable_figure_warns_and_keeps_the_results(tmp_path):
     assert s.final[0]["gap_pct"] == summary["final"][0]["gap_pct"]
 
 
-def test_sigterm_from_outside_exits_143_with_a_resume_hint(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_from_outside_exits_128_plus_its_number_with_a_resume_hint(tmp_path, sig, code):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "eqprop", "markov", "train", "--k", "1", "--seq-len", "64", "--n-layer", "1",
            "--n-head", "2", "--d-model", "16", "--batch-size", "8", "--eval-every", "1", "--eval-batches", "1",
@@ -197,10 +198,10 @@ def test_sigterm_from_outside_exits_143_with_a_resume_hint(tmp_path):
     while not (out / "last.pt").exists():  # written inside the loop, after the handlers are installed
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr[-2000:]
-    assert "SIGTERM" in stdout and "--resume" in stdout and "resume=True" not in stdout
+    assert proc.returncode == code == 128 + sig, stderr[-2000:]
+    assert sig.name in stdout and "--resume" in stdout and "resume=True" not in stdout
     assert load_checkpoint_file(out / "last.pt")["status"] == "max_steps"  # a clean checkpoint to resume
 
 
@@ -227,6 +228,22 @@ def test_cuda_on_a_cpu_torch_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has no CUDA" in err and "--device cpu" in err
     assert not out.exists()
+
+
+def test_each_rank_takes_its_own_gpu(monkeypatch):
+    from eqprop.train.core import resolve_device
+
+    monkeypatch.setattr(torch.version, "cuda", "12.0")  # a CUDA build with 4 GPUs, as seen by resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [resolve_device("cuda:0", rank, 4) for rank in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert [resolve_device(d, 3, 4) for d in ("auto", "cuda", "cuda:1")] == ["cuda:3"] * 3
+    assert [resolve_device("cuda"), resolve_device("cuda:2"), resolve_device("cpu", 1, 2)] == \
+        ["cuda:0", "cuda:2", "cpu"]  # one process keeps the index it is given
+    with pytest.raises(ValueError, match=r"needs GPU 5, but only 4 are visible"):
+        resolve_device("cuda:5")
+    with pytest.raises(ValueError, match=r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
+        resolve_device("gpu")
 
 
 # ---- the loop trains the other model of the shared interface -----------------------------------------
