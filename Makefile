@@ -15,7 +15,7 @@ setup-test: setup
 	$(PIP) install pytest hypothesis scipy nbclient nbformat ipykernel
 
 demo: setup
-	$(PYTHON) -m eqprop markov train
+	$(PYTHON) -m eqprop markov train --overwrite
 
 test: setup-test
 	$(PYTHON) -m pytest -q

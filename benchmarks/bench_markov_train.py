@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import environment
 from eqprop import markov
-from eqprop.models import Transformer
+from eqprop.models import Transformer, next_token_nll
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def throughput(size: dict, *, bf16: bool, kernel: str, checkpointing: bool, devi
     """tokens/s and peak memory of full optimizer steps (forward, backward, AdamW) at one setting."""
     torch.manual_seed(0)
     model = Transformer(2, n_layer=size["n_layer"], n_head=size["n_head"], d_model=size["d_model"],
-                        max_seq_len=size["seq_len"], pos_enc="rope", grad_checkpointing=checkpointing).to(device)
+                        max_len=size["seq_len"], pos_enc="rope", grad_checkpointing=checkpointing).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = markov.sample(size["batch"], size["k"], seq_len=size["seq_len"], seed=0, device=device)
     backends = {"math": [SDPBackend.MATH], "flash": [SDPBackend.FLASH_ATTENTION]}
@@ -59,7 +59,7 @@ def throughput(size: dict, *, bf16: bool, kernel: str, checkpointing: bool, devi
                         torch.cuda.reset_peak_memory_stats()
                     t0 = time.perf_counter()
                 with autocast:
-                    loss = model(x).nll[:, size["k"]:].mean()
+                    loss = next_token_nll(model(x), x)[:, size["k"]:].mean()
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

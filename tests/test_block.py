@@ -458,7 +458,7 @@ def test_fixed_point_is_holomorphic_in_x():
 
 def _lm(pos="learned", **kw):
     torch.manual_seed(0)
-    return eqprop.EquilibriumLM(3, 8, 2, max_len=12, pos=pos, mlp_ratio=2, dtype=torch.float64,
+    return eqprop.EquilibriumLM(3, 8, 2, max_len=12, pos_enc=pos, mlp_ratio=2, dtype=torch.float64,
                                 fixed_point=dict(max_steps=25, tol=0.0), **kw)
 
 
@@ -519,9 +519,9 @@ def test_energy_attention_is_not_causal_so_the_lm_refuses_it():
 
 
 def test_lm_bad_input():
-    with pytest.raises(ValueError, match=r'pos must be one of "learned", "sinusoidal", "rope"; got \'alibi\''):
-        eqprop.EquilibriumLM(2, 8, 2, max_len=10, pos="alibi")
-    with pytest.raises(TypeError, match=r'pass pos="rope" instead'):
+    with pytest.raises(ValueError, match=r'pos_enc must be one of "learned", "sinusoidal", "rope"; got \'alibi\''):
+        eqprop.EquilibriumLM(2, 8, 2, max_len=10, pos_enc="alibi")
+    with pytest.raises(TypeError, match=r'pass pos_enc="rope" instead'):
         eqprop.EquilibriumLM(2, 8, 2, max_len=10, rope=True)
     with pytest.raises(ValueError, match=r"d_model must be divisible by n_heads, got d_model=8 and n_heads=3"):
         eqprop.EquilibriumLM(2, 8, 3, max_len=10)

@@ -1,4 +1,5 @@
-"""eqprop.models.Transformer: the NLL convention gap_pct relies on, positional encodings, causality."""
+"""eqprop.models: the NLL convention gap_pct relies on, the interface shared with EquilibriumLM, positional
+encodings, causality."""
 
 import math
 
@@ -7,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from eqprop import markov
-from eqprop.models import POS_ENCODINGS, Transformer, alibi_bias, alibi_slopes, apply_rope, sinusoidal_table
+import eqprop
+from eqprop.models import (POS_ENCODINGS, Transformer, alibi_bias, alibi_slopes, apply_rope, next_token_nll,
+                           sinusoidal_table)
 from testing import devices
 
 
@@ -26,8 +29,9 @@ def _bayes_logits(x, k):
 def test_nll_convention_gives_zero_gap_for_the_bayes_predictive(k):
     x = markov.sample(16, k, seed=5)
     logits, b = _bayes_logits(x, k)
-    nll = Transformer.token_nll(logits, x)
-    assert nll[:, 0].allclose(torch.full((16,), math.log(2)))
+    nll = next_token_nll(logits, x)
+    assert nll.dtype == torch.float64  # float64 logits keep float64 (bf16 / float32 ones give float32)
+    assert nll[:, 0].allclose(torch.full((16,), math.log(2), dtype=torch.float64))
     assert torch.allclose(nll[:, 1:].double(), b[:, 1:], atol=1e-5)
     gap, se = markov.gap_pct(nll, b.float(), k)
     assert abs(gap) < 1e-3 and se < 1e-3
@@ -88,15 +92,15 @@ def test_sdpa_with_alibi_mask_matches_plain_attention():
 @pytest.mark.parametrize("pos_enc", POS_ENCODINGS)
 def test_model_is_causal(pos_enc, device):
     torch.manual_seed(0)
-    model = Transformer(2, n_layer=2, n_head=2, d_model=16, max_seq_len=32, pos_enc=pos_enc).to(device).eval()
+    model = Transformer(2, n_layer=2, n_head=2, d_model=16, max_len=32, pos_enc=pos_enc).to(device).eval()
     x = markov.sample(2, 1, seq_len=32, seed=3, device=device)
     y = x.clone()
     y[:, 20] = 1 - y[:, 20]
     with torch.no_grad():
         a, b = model(x), model(y)
-    assert torch.allclose(a.logits[:, :20], b.logits[:, :20], atol=1e-5)  # positions before the change
-    assert not torch.allclose(a.logits[:, 20:], b.logits[:, 20:], atol=1e-5)
-    assert a.nll.shape == (2, 32) and a.logits.shape == (2, 32, 2)
+    assert torch.allclose(a[:, :20], b[:, :20], atol=1e-5)  # positions before the change
+    assert not torch.allclose(a[:, 20:], b[:, 20:], atol=1e-5)
+    assert a.shape == (2, 32, 2)
 
 
 def test_no_position_information_means_permutation_of_the_prefix_is_invisible():
@@ -106,9 +110,9 @@ def test_no_position_information_means_permutation_of_the_prefix_is_invisible():
     x = torch.tensor([[0, 1, 2, 2, 1]])
     y = torch.tensor([[2, 1, 0, 2, 1]])  # same multiset before the last token
     with torch.no_grad():
-        assert torch.allclose(model(x).logits[0, -1], model(y).logits[0, -1], atol=1e-5)
+        assert torch.allclose(model(x)[0, -1], model(y)[0, -1], atol=1e-5)
         rope = Transformer(3, n_layer=1, n_head=2, d_model=16, pos_enc="rope").eval()
-        assert not torch.allclose(rope(x).logits[0, -1], rope(y).logits[0, -1], atol=1e-5)
+        assert not torch.allclose(rope(x)[0, -1], rope(y)[0, -1], atol=1e-5)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -117,8 +121,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     b = Transformer(2, n_layer=2, n_head=2, d_model=16, pos_enc="rope", grad_checkpointing=True)
     b.load_state_dict(a.state_dict())
     x = markov.sample(4, 1, seq_len=24, seed=0)
-    a(x).nll.mean().backward()
-    b(x).nll.mean().backward()
+    a.token_nll(x).mean().backward()
+    b.token_nll(x).mean().backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
 
@@ -128,11 +132,11 @@ def test_bf16_autocast_is_close_to_fp32():
     model = Transformer(2, n_layer=2, n_head=2, d_model=32, pos_enc="rope").eval()
     x = markov.sample(4, 1, seq_len=40, seed=0)
     with torch.no_grad():
-        ref = model(x).nll
+        ref = model.token_nll(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-    assert out.nll.dtype == torch.float32
-    assert (out.nll - ref).abs().max() < 0.02
+            out = model.token_nll(x)
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() < 0.02
 
 
 def test_clear_errors():
@@ -140,5 +144,40 @@ def test_clear_errors():
         Transformer(2, pos_enc="relative")
     with pytest.raises(ValueError, match="divisible by n_head"):
         Transformer(2, d_model=30, n_head=4)
-    with pytest.raises(ValueError, match="max_seq_len=8"):
-        Transformer(2, max_seq_len=8, d_model=16, n_head=2)(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_len=8"):
+        Transformer(2, max_len=8, d_model=16, n_head=2)(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"logits must be \[B, L, V\]"):
+        next_token_nll(torch.zeros(1, 5, 2), torch.zeros(1, 4, dtype=torch.long))
+
+
+def _lm(kind, pos_enc):
+    """The same constructor names build either model (the interface trainers rely on)."""
+    torch.manual_seed(0)
+    common = dict(d_model=16, n_head=2, max_len=12, pos_enc=pos_enc)
+    if kind == "transformer":
+        return Transformer(3, n_layer=1, **common).double()
+    return eqprop.EquilibriumLM(3, mlp_ratio=2, dtype=torch.float64, fixed_point=dict(max_steps=30, tol=0.0),
+                                **common)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "equilibrium"])
+@pytest.mark.parametrize("pos_enc", ["learned", "sinusoidal", "rope"])
+def test_both_models_share_one_interface(kind, pos_enc):
+    model = _lm(kind, pos_enc)
+    assert (model.vocab_size, model.max_len, model.pos_enc) == (3, 12, pos_enc)
+    x = torch.tensor([[0, 1, 2, 2, 1, 0, 0, 2], [2, 2, 1, 0, 1, 1, 0, 0]])
+    logits = model(x)
+    assert logits.shape == (2, 8, 3)
+    nll = model.token_nll(x)
+    # independent of next_token_nll: -log softmax of the previous position's logits, read by hand
+    logp = logits.double().log_softmax(-1)
+    for b in range(2):
+        assert nll[b, 0].item() == pytest.approx(math.log(3), abs=1e-12)
+        for t in range(1, 8):
+            assert nll[b, t].item() == pytest.approx(-logp[b, t - 1, x[b, t]].item(), abs=1e-10)
+    # causal: changing x_5 leaves the NLL of x_0..x_4 unchanged
+    y = x.clone()
+    y[:, 5] = (y[:, 5] + 1) % 3
+    with torch.no_grad():
+        a, b_ = model.token_nll(x), model.token_nll(y)
+    assert torch.allclose(a[:, :5], b_[:, :5], atol=1e-10)

@@ -1,4 +1,5 @@
-"""eqprop.train.markov: config checks, schedules, the gap breakdowns, learning, resume, DDP, gate, ladder, CLI."""
+"""eqprop.train.markov (on the shared loop of eqprop.train.core): config checks, schedules, the gap
+breakdowns, learning, resume, DDP, gate, ladder, CLI."""
 
 import csv
 import json
@@ -12,8 +13,15 @@ import pytest
 import torch
 
 from eqprop import markov
+from eqprop.models import next_token_nll
+from eqprop.train import core
 from eqprop.train import markov as tm
-from eqprop.train._common import derive_seed, lr_at
+from eqprop.train.checkpoint import load_checkpoint_file
+from eqprop.train.core import derive_seed, lr_at
+from eqprop.train.ladder import ladder
+
+#: The visit count the breakdowns use (the C++ op when the build has it).
+context_visits = getattr(markov, "context_visits", None) or markov._context_visits_py
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -32,11 +40,12 @@ TINY = dict(k=1, seq_len=64, n_layer=1, n_head=2, d_model=16, batch_size=8, lr=3
 
 
 def test_config_rejects_unknown_keys_and_lists_valid_ones():
-    with pytest.raises(KeyError, match=r"unknown TrainConfig key\(s\) \['n_layers'\].*valid keys are:.*n_layer"):
+    with pytest.raises(TypeError, match=r"unknown TrainConfig key\(s\) \['n_layers'\].*valid keys are:.*n_layer"):
         tm.TrainConfig.from_dict({"k": 3, "n_layers": 4})
-    with pytest.raises(KeyError, match="learning_rate"):
+    with pytest.raises(TypeError, match="learning_rate"):
         tm.TrainConfig().replace(learning_rate=1.0)
-    with pytest.raises(ValueError, match=r"TrainConfig.schedule must be one of .*got 'linear'"):
+    with pytest.raises(ValueError,
+                       match=r"TrainConfig.schedule must be one of \('cosine', 'wsd', 'constant'\), got 'linear'"):
         tm.TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match=r"TrainConfig.min_lr must be in \[0, lr=0.001\], got 0.01"):
         tm.TrainConfig(lr=1e-3, min_lr=1e-2)
@@ -64,6 +73,9 @@ def test_lr_schedules():
     assert lr_at(99, schedule="wsd", **kw) == pytest.approx(1.0 - 0.9 * 10 / 21)
     assert lr_at(110, schedule="wsd", **kw) == pytest.approx(0.1)
     assert lr_at(100, schedule="constant", **kw) == 1.0
+    # a decay phase of a single step: the last step is at min_lr (steps 0..3, decay from round(3.2) = 3)
+    assert [lr_at(i, schedule="wsd", lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=4) for i in range(4)] == \
+        [0.5, 1.0, 1.0, 0.1]
 
 
 def test_derived_seeds_are_stable_and_distinct():
@@ -74,20 +86,20 @@ def test_derived_seeds_are_stable_and_distinct():
 
 def test_context_visits_matches_a_direct_count():
     x = markov.sample(4, 2, seq_len=60, vocab_size=3, seed=1)
-    visits = tm.context_visits(x, 2, vocab_size=3)
+    visits = context_visits(x, 2, vocab_size=3)
     for b in range(4):
         seq = x[b].tolist()
         for t in range(60):
             expect = -1 if t < 2 else sum(seq[s - 2:s] == seq[t - 2:t] for s in range(2, t))
             assert visits[b, t].item() == expect
-    assert tm.context_visits(torch.tensor([[0, 1, 0, 1, 0]]), 1).tolist() == [[-1, 0, 0, 1, 1]]
+    assert context_visits(torch.tensor([[0, 1, 0, 1, 0]]), 1).tolist() == [[-1, 0, 0, 1, 1]]
 
 
 def test_bayes_predictive_is_the_visit_count_formula():
     # at k=1, V=2, alpha=1 the Bayes probability of x_t is (N(c, x_t) + 1) / (visits + 2): the visit count
     # is the denominator the posterior conditions on
     x = markov.sample(3, 1, seq_len=80, seed=2)
-    visits = tm.context_visits(x, 1)
+    visits = context_visits(x, 1)
     b = markov.bayes_nll(x, 1, dtype=torch.float64)
     for i in range(3):
         seq = x[i].tolist()
@@ -106,8 +118,7 @@ def _fake_eval(seed=0):
 
 def test_breakdowns_partition_the_gap():
     x, bayes, model = _fake_eval()
-    cfg = tm.TrainConfig(k=2, seq_len=200)
-    by_pos, by_visits = tm._breakdowns(model, bayes, x, cfg)
+    by_pos, by_visits = markov.gap_breakdowns(model, bayes, x, 2)
     total, _ = markov.gap_pct(model, bayes, 2)
     # pooled gaps of a partition, weighted by the Bayes NLL in each part, add up to the total gap
     for parts, mask_of in [
@@ -116,7 +127,7 @@ def test_breakdowns_partition_the_gap():
         ([b for b in by_visits if b["gap_pct"] is not None], None),
     ]:
         if mask_of is None:
-            visits = tm.context_visits(x, 2)
+            visits = context_visits(x, 2)
             mask_of = lambda p: (visits >= p["visits"][0]) & (  # noqa: E731
                 visits < (p["visits"][1] if p["visits"][1] is not None else 10**9))
         weights = [float((bayes * mask_of(p)).sum()) for p in parts]
@@ -152,7 +163,6 @@ def test_tiny_model_learns_and_writes_artifacts(tmp_path):
         # well below uniform (it has learned in-context statistics), and not below Bayes beyond noise (a
         # model that could see its target would be far below)
         assert -3 * f["gap_se"] < f["gap_pct"] < uniform_gap / 2, f
-    assert s.gate_passed == all(f["gap_pct"] <= 1.0 for f in s.final)
     evals = [r["gap_pct"] for r in s.history if r.get("gap_pct") is not None]
     assert evals[-1] < evals[0] - 3  # the paired eval gap falls during training
 
@@ -173,8 +183,13 @@ def test_tiny_model_learns_and_writes_artifacts(tmp_path):
     # best.pt re-evaluated on the first final set reproduces the summary's number
     again = tm.evaluate(tmp_path / "best.pt", n_batches=2, seed=cfg.final_eval_seeds[0])
     assert again.gap_pct == pytest.approx(s.final[0]["gap_pct"], abs=1e-9)
-    last = torch.load(tmp_path / "last.pt", weights_only=False)
+    last = load_checkpoint_file(tmp_path / "last.pt")
     assert last["step"] == 120
+    # print(summary) is a few readable lines, not the nested dicts
+    text = str(s)
+    assert len(text.splitlines()) <= 8 and "max_steps after 120 steps" in text
+    assert f"{s.final[0]['gap_pct']:+.2f}% +- {s.final[0]['gap_se']:.2f}" in text
+    assert ("gate (both final gaps <= 1.0%): " + ("PASS" if s.gate_passed else "FAIL")) in text
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -189,7 +204,7 @@ def test_resume_after_a_signal_reproduces_the_uninterrupted_run(tmp_path, sig):
     cut = cfg.replace(out_dir=str(tmp_path / "cut"))
     first = tm.train(cut, callback=interrupt_at_7)
     assert first.status == "interrupted" and first.steps == 7 and first.final == []
-    assert sig.name in first.message
+    assert sig.name in first.message and first.stop_signal == sig.name and "resume=True" in first.message
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     resumed = tm.train(cut.replace(resume=True))
@@ -198,8 +213,8 @@ def test_resume_after_a_signal_reproduces_the_uninterrupted_run(tmp_path, sig):
     assert [r["step"] for r in resumed.history] == list(range(1, 13))
     assert [r.get("gap_pct") for r in resumed.history] == [r.get("gap_pct") for r in straight.history]
     assert resumed.final[0]["gap_pct"] == straight.final[0]["gap_pct"]
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["model"]
+    a = load_checkpoint_file(tmp_path / "straight" / "last.pt")["model"]
+    b = load_checkpoint_file(tmp_path / "cut" / "last.pt")["model"]
     assert all(torch.equal(a[n], b[n]) for n in a)
     record = (tmp_path / "cut" / "config.json").read_text()
     with pytest.raises(ValueError, match="d_model: checkpoint 16 vs config 32"):
@@ -212,8 +227,8 @@ def test_resume_takes_optimizer_hyperparameters_from_the_config(tmp_path):
     tm.train(cfg)
     changed = cfg.replace(resume=True, max_steps=6, weight_decay=0.5, beta2=0.99)
     model = tm.build_model(changed)
-    optimizer = tm.build_optimizer(model, changed)
-    state = tm._restore(tmp_path / "last.pt", changed, model, optimizer, "cpu")
+    optimizer = core.adamw(model, changed)
+    state = core._restore(tmp_path / "last.pt", tm.MarkovTask(changed), changed, model, optimizer)
     assert state["step"] == 4 and len(optimizer.state) > 0  # the moments come from the checkpoint
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.5, 0.0]
     assert all(g["betas"] == (changed.beta1, 0.99) for g in optimizer.param_groups)
@@ -229,9 +244,10 @@ def test_divergence_stops_cleanly(tmp_path):
 
     s = tm.train(cfg, callback=poison)
     assert s.status == "diverged" and s.steps == 3 and "non-finite loss at step 4" in s.message
+    assert "last.pt / best.pt" in s.message  # both exist (evaluated at step 2)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "diverged"
-    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 2  # the last good checkpoint
+    assert load_checkpoint_file(tmp_path / "last.pt")["step"] == 2  # the last good checkpoint
     assert len(s.final) == 2 and all(math.isfinite(f["gap_pct"]) for f in s.final)  # best.pt from step 2
 
 
@@ -272,8 +288,8 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
     ddp_losses = [float(r["train_loss"]) for r in rows]
     assert ddp_losses == pytest.approx([r["train_loss"] for r in single.history], rel=1e-5)
     assert summary["final"][0]["gap_pct"] == pytest.approx(single.final[0]["gap_pct"], abs=1e-3)
-    a = torch.load(tmp_path / "single" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)["model"]
+    a = load_checkpoint_file(tmp_path / "single" / "last.pt")["model"]
+    b = load_checkpoint_file(tmp_path / "ddp" / "last.pt")["model"]
     assert all(torch.allclose(a[n], b[n], atol=1e-5) for n in a)
     assert "final gap to Bayes of best.pt" in proc.stdout and proc.stdout.count("gate (both") == 1  # rank 0 only
 
@@ -290,28 +306,26 @@ def test_cli_help_lists_the_config():
     text = build_parser()._subparsers._group_actions[0].choices["markov"]._subparsers._group_actions[0] \
         .choices["train"].format_help()
     for option in ("--k", "--n-layer", "--pos-enc", "--grad-accum-steps", "--target-gap-pct", "--resume",
-                   "--final-eval-seeds", "--bf16"):
+                   "--overwrite", "--final-eval-seeds", "--bf16"):
         assert option in text
 
 
 def test_cli_config_file_does_not_take_the_runs_out_dir(tmp_path):
     import argparse
 
-    from eqprop.cli import _config_from_args
-
     saved = tm.TrainConfig(**{**TINY, "lr": 0.01}, out_dir=str(tmp_path / "old"), resume=True)
     (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
     args = argparse.Namespace(config=str(tmp_path / "config.json"))  # no options on the line
-    cfg = _config_from_args(args, defaults={"out_dir": str(tmp_path / "new")})
+    cfg = tm.TrainConfig.from_args(args, defaults={"out_dir": str(tmp_path / "new")})
     assert cfg.lr == 0.01 and cfg.d_model == TINY["d_model"]  # the file's settings are taken
     assert cfg.out_dir == str(tmp_path / "new") and cfg.resume is False  # its run is not
 
 
 class _FakeSummary:
-    def __init__(self, gaps, best, history, n_params=1):
+    def __init__(self, gaps, best, history, passed, n_params=1):
         self.final = [{"gap_pct": g} for g in gaps]
         self.best_gap_pct, self.history, self.status = best, history, "max_steps"
-        self.gate_passed = tm.gate_passed(self.final, 3.0)
+        self.gate_passed = passed
         self.n_params, self.wall_s = n_params, 0.0
 
 
@@ -329,16 +343,23 @@ def test_ladder_grows_steps_then_depth_then_width(tmp_path):
             (8, 128, 800): (2.0, hist([20, 10, 5, 2, 2, 2, 2, 2])),
         }
         best, h = table[key]
-        gaps = (2.5, 2.9) if key == (8, 128, 800) else (best + 0.1, best + 0.2)
-        return _FakeSummary(gaps, best, h)
+        passed = key == (8, 128, 800)
+        gaps = (2.5, 2.9) if passed else (best + 0.1, best + 0.2)
+        return _FakeSummary(gaps, best, h, passed)
 
     base = tm.TrainConfig(n_layer=2, d_model=64, max_steps=400)
-    res = tm.ladder([3], base=base, out_dir=str(tmp_path), train_fn=fake_train, max_layers=8)
+    res = ladder([3], base=base, out_dir=str(tmp_path), train_fn=fake_train, max_layers=8)
     rungs = res["3"]["rungs"]
     assert [r["action"] for r in rungs] == ["longer", "deeper", "deeper", "wider", "stop"]
     assert res["3"]["passed"] and res["3"]["reason"] == "gate passed"
     assert json.loads((tmp_path / "ladder_summary.json").read_text()) == res
     assert (tmp_path / "ladder.png").read_bytes()[:4] == b"\x89PNG"
+    # a second ladder into the same folder is refused; with overwrite the first one is moved aside
+    with pytest.raises(ValueError, match=r"already holds a ladder.*overwrite=True"):
+        ladder([3], base=base, out_dir=str(tmp_path), train_fn=fake_train, max_layers=8)
+    ladder([3], base=base, out_dir=str(tmp_path), train_fn=fake_train, max_layers=8, overwrite=True)
+    (old,) = tmp_path.parent.glob(tmp_path.name + ".old-*")
+    assert json.loads((old / "ladder_summary.json").read_text()) == res
 
 
 def test_cli_ladder_runs_one_rung(tmp_path, capsys):
@@ -355,32 +376,36 @@ def test_cli_ladder_runs_one_rung(tmp_path, capsys):
     assert (tmp_path / "k1" / "rung0" / "summary.json").exists()
 
 
-@pytest.mark.parametrize("opts", [
-    dict(pos_enc="alibi", bf16=True, schedule="wsd"),
-    dict(pos_enc="learned", grad_checkpointing=True, schedule="constant", grad_accum_steps=2),
-    dict(pos_enc="sinusoidal", eval_seq_len=96),
-    dict(pos_enc="none", n_layer=2),
+# lr 3e-3, min_lr 3e-4, 2 warmup steps (lr * (step + 1) / 2), 4 steps: by hand, cosine and wsd reach min_lr
+# at the last step (wsd decays over round(0.2 * 4) = 1 step), constant stays at lr.
+_COSINE = [1.5e-3, 3e-3, 3e-3, 3e-4]
+
+
+@pytest.mark.parametrize("opts,lrs", [
+    (dict(pos_enc="alibi", bf16=True, schedule="wsd"), [1.5e-3, 3e-3, 3e-3, 3e-4]),
+    (dict(pos_enc="learned", grad_checkpointing=True, schedule="constant", grad_accum_steps=2),
+     [1.5e-3, 3e-3, 3e-3, 3e-3]),
+    (dict(pos_enc="sinusoidal", eval_seq_len=96), _COSINE),
+    (dict(pos_enc="none", n_layer=2), _COSINE),
 ], ids=["alibi-bf16-wsd", "learned-ckpt-accum", "sinusoidal-longer-eval", "nope"])
-def test_model_and_optimizer_options_train(tmp_path, opts):
+def test_model_and_optimizer_options_train(tmp_path, opts, lrs):
     cfg = tm.TrainConfig(**{**TINY, "max_steps": 4, **opts}, out_dir=str(tmp_path))
     s = tm.train(cfg)
     assert s.status == "max_steps" and s.steps == 4
     assert all(math.isfinite(r["train_loss"]) for r in s.history)
     assert s.final[0]["seq_len"] == cfg.eval_len
-    lrs = [r["lr"] for r in s.history]
-    assert lrs == [lr_at(i, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=4,
-                         schedule=cfg.schedule, decay_frac=cfg.wsd_decay_frac) for i in range(4)]
+    assert [r["lr"] for r in s.history] == pytest.approx(lrs, rel=1e-12)
 
 
-def test_fresh_run_clears_stale_checkpoints(tmp_path):
-    torch.save({"stale": True}, tmp_path / "best.pt")
-
+def test_divergence_before_any_checkpoint_names_no_checkpoint(tmp_path):
     def poison(record, model):  # diverge before the first evaluation
         with torch.no_grad():
             model.head.weight.fill_(float("nan"))
 
     s = tm.train(tm.TrainConfig(**{**TINY, "max_steps": 6}, out_dir=str(tmp_path)), callback=poison)
     assert s.status == "diverged" and s.final == [] and not (tmp_path / "best.pt").exists()
+    assert "last.pt" not in s.message and "best.pt" not in s.message
+    assert "no checkpoint had been written yet" in s.message
 
 
 class _BayesPredictor(torch.nn.Module):
@@ -392,14 +417,15 @@ class _BayesPredictor(torch.nn.Module):
         self.dummy = torch.nn.Parameter(torch.zeros(()))
 
     def forward(self, x):
-        from eqprop.models import Transformer, TransformerOutput
-
         b = markov.bayes_nll(x, self.k, dtype=torch.float64)
         p_next = torch.exp(-b[:, 1:])  # probability of the symbol that came next
         logits = torch.zeros(*x.shape, 2, dtype=torch.float64)
         logits[:, :-1].scatter_(2, x[:, 1:, None], p_next.log()[..., None])
         logits[:, :-1].scatter_(2, (1 - x[:, 1:])[..., None], torch.log1p(-p_next)[..., None])
-        return TransformerOutput(logits, Transformer.token_nll(logits, x))
+        return logits
+
+    def token_nll(self, x):
+        return next_token_nll(self(x), x)
 
 
 def test_evaluate_scores_the_bayes_predictor_at_zero_gap_everywhere():

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _C
+from .models.interface import next_token_nll
 from .solvers import fixed_point
 
 __all__ = ["EquilibriumBlock", "EquilibriumLM"]
@@ -70,7 +71,7 @@ class EquilibriumBlock(nn.Module):
             ``vector_field`` call, as ``torch.nn.utils.spectral_norm`` does); the monotone W̃ is
             capped at min(1 − m, ρ).
         rope: rotate q and k by their positions 0..T−1 (rotate-half RoPE, ``rope_base``) inside
-            attention; the block then needs no positional term in x (``EquilibriumLM(pos="rope")``).
+            attention; the block then needs no positional term in x (``EquilibriumLM(pos_enc="rope")``).
         monotone_m: the margin m of the monotone FFN. ln_eps, qk_eps: LayerNorm / qk-norm ε.
         attn_kernel: ``"auto"`` (SDPA for real input when autograd is off) or ``"math"``.
         device, dtype: of the parameters (real floating dtype).
@@ -210,10 +211,13 @@ class EquilibriumLM(nn.Module):
         z* = F(z*; x)                        eqprop.fixed_point(block, x, **fixed_point_options)
         logits = head(LayerNorm(z*))                                     [B, L, V]
 
+    Constructor names, ``forward`` and ``token_nll`` follow the models' shared interface
+    (``eqprop.models.interface``), so the trainers take it in place of ``eqprop.models.Transformer``.
+
     Args:
-        vocab_size: V; d_model, n_heads: the block's width and heads.
+        vocab_size: V; d_model, n_head: the block's width and heads.
         max_len: longest sequence (size of the learned / sinusoidal position table).
-        pos: ``"learned"`` (a [max_len, C] embedding added to x), ``"sinusoidal"`` (the fixed
+        pos_enc: ``"learned"`` (a [max_len, C] embedding added to x), ``"sinusoidal"`` (the fixed
             Transformer table added to x) or ``"rope"``: nothing is added to x; q and k are rotated
             by their positions inside the block's attention at every iteration (``rope=True``), so
             positions enter through the attention scores only, as in a rope transformer layer.
@@ -232,34 +236,34 @@ class EquilibriumLM(nn.Module):
     relaxation converging in ~9 steps throughout, while without it the residual reached ~1 within
     25 steps and the loss went back to ln 2; start from ``spectral_rho=1.0``.
 
-    Example: ``lm = EquilibriumLM(2, 32, 2, max_len=200, spectral_rho=1.0);
+    Example: ``lm = EquilibriumLM(2, 32, 2, max_len=200, pos_enc="rope", spectral_rho=1.0);
     lm.loss(eqprop.markov.sample(16, 1)).backward()``
     """
 
-    def __init__(self, vocab_size: int, d_model: int, n_heads: int, *, max_len: int, pos: str = "learned",
+    def __init__(self, vocab_size: int, d_model: int, n_head: int, *, max_len: int, pos_enc: str = "learned",
                  fixed_point: Optional[dict] = None, **block_kwargs):
         super().__init__()
         self.vocab_size = _int_arg("vocab_size", vocab_size, 2)
         self.max_len = _int_arg("max_len", max_len)
         d_model = _int_arg("d_model", d_model)
-        if pos not in ("learned", "sinusoidal", "rope"):
-            raise ValueError(f'pos must be one of "learned", "sinusoidal", "rope"; got {pos!r}')
+        if pos_enc not in ("learned", "sinusoidal", "rope"):
+            raise ValueError(f'pos_enc must be one of "learned", "sinusoidal", "rope"; got {pos_enc!r}')
         if "rope" in block_kwargs:
-            raise TypeError("EquilibriumLM sets the block's rope option from pos; pass pos=\"rope\" instead")
+            raise TypeError("EquilibriumLM sets the block's rope option from pos_enc; pass pos_enc=\"rope\" instead")
         if block_kwargs.get("attention", "softmax") == "energy":
             raise ValueError(
                 'attention="energy" is not causal (its symmetric Jacobian sends information from later '
                 'tokens back to earlier ones), so an LM trained on it reads the future; use "softmax"')
-        self.pos = pos
+        self.pos_enc = pos_enc
         dtype = block_kwargs.get("dtype")
         device = block_kwargs.get("device")
         self.tok_emb = nn.Embedding(self.vocab_size, d_model, device=device, dtype=dtype)
-        if pos == "learned":
+        if pos_enc == "learned":
             self.pos_emb = nn.Embedding(self.max_len, d_model, device=device, dtype=dtype)
-        elif pos == "sinusoidal":
+        elif pos_enc == "sinusoidal":
             pe = _sinusoidal(self.max_len, d_model).to(device=device, dtype=dtype or torch.get_default_dtype())
             self.register_buffer("pos_table", pe, persistent=False)
-        self.block = EquilibriumBlock(d_model, n_heads, rope=(pos == "rope"), **block_kwargs)
+        self.block = EquilibriumBlock(d_model, n_head, rope=(pos_enc == "rope"), **block_kwargs)
         self.ln_f = nn.LayerNorm(d_model, device=device, dtype=dtype)
         self.head = nn.Linear(d_model, self.vocab_size, bias=False, device=device, dtype=dtype)
         self.fixed_point_options = dict(max_steps=30, tol=1e-4) if fixed_point is None else dict(fixed_point)
@@ -279,9 +283,9 @@ class EquilibriumLM(nn.Module):
             raise ValueError(f"tokens must lie in [0, vocab_size={self.vocab_size}), got values in "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
         x = self.tok_emb(tokens)
-        if self.pos == "learned":
+        if self.pos_enc == "learned":
             x = x + self.pos_emb.weight[:L]
-        elif self.pos == "sinusoidal":
+        elif self.pos_enc == "sinusoidal":
             x = x + self.pos_table[:L]
         return x
 
@@ -300,11 +304,7 @@ class EquilibriumLM(nn.Module):
 
     def token_nll(self, tokens: Tensor) -> Tensor:
         """NLL of every token given its prefix, [B, L] (nats); column 0 is ln V."""
-        logits = self.forward(tokens)[:, :-1]  # [B, L-1, V]
-        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
-        nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-        first = torch.full_like(nll[:, :1], math.log(self.vocab_size))
-        return torch.cat([first, nll], 1)
+        return next_token_nll(self.forward(tokens), tokens)
 
     def loss(self, tokens: Tensor) -> Tensor:
         """Mean next-token cross-entropy (nats) over positions 1..L−1 (needs L >= 2)."""

@@ -11,10 +11,13 @@ from typing import Optional, Sequence
 
 
 def _markov_bayes(args: argparse.Namespace) -> int:
-    """Sample Markov-k sequences and report the exact Bayes NLL next to DESIGN.md §8's anchors."""
+    """Sample Markov-k sequences and report the exact Bayes NLL next to the anchors of docs/design.md §8."""
     import torch
 
     from eqprop import markov
+    from eqprop.train.core import resolve_device
+
+    args.device = resolve_device(args.device)  # a clear error for cuda on a torch without CUDA
 
     rows = []
     header = f"{'k':>2} {'L':>6} {'Bayes NLL/token':>16} {'+-SE':>8} {'anchor':>7} {'z':>6} " \
@@ -50,57 +53,6 @@ def _markov_bayes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_config_options(parser: argparse.ArgumentParser, skip=(), defaults=None) -> None:
-    """One ``--option`` per ``TrainConfig`` field (defaults shown come from the dataclass). Options left out
-    keep the config file's value (``--config``) or the default: only what is given on the line overrides."""
-    import dataclasses
-
-    from eqprop.models.transformer import POS_ENCODINGS
-    from eqprop.train._common import SCHEDULES
-    from eqprop.train.markov import TrainConfig
-
-    parser.add_argument("--config", default=None, metavar="JSON",
-                        help="start from this config.json (e.g. a run's; its out_dir and resume are not taken); "
-                             "options given here override it")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        shown = (defaults or {}).get(f.name, f.default)
-        help_text = f.metadata.get("help", "") + ("" if shown is None else f" (default: {shown})")
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif isinstance(f.default, tuple):
-            parser.add_argument(flag, type=int, nargs=len(f.default), metavar="SEED", **kwargs)
-        elif f.default is None or isinstance(f.default, int):
-            parser.add_argument(flag, type=int, metavar="N", **kwargs)
-        elif isinstance(f.default, float):
-            parser.add_argument(flag, type=float, metavar="X", **kwargs)
-        else:
-            choices = {"pos_enc": POS_ENCODINGS, "schedule": SCHEDULES}.get(f.name)
-            parser.add_argument(flag, type=str, choices=choices, metavar=f.name.upper() if not choices else None,
-                                **kwargs)
-
-
-def _config_from_args(args: argparse.Namespace, skip=(), defaults=None):
-    """``defaults`` < ``--config`` file < options given on the command line."""
-    import dataclasses
-
-    from eqprop.train.markov import TrainConfig
-
-    base = dict(defaults or {})
-    if args.config:
-        with open(args.config) as f:
-            saved = json.load(f)
-        # a run's config.json names that run's out_dir: starting from it must not write over (or, as a
-        # fresh run, clear) that run; --out-dir / --resume on the line still apply
-        base.update({key: v for key, v in saved.items() if key not in ("out_dir", "resume")})
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - set(skip)
-    given = {n: getattr(args, n) for n in names if hasattr(args, n)}
-    return TrainConfig.from_dict({**base, **given})
-
-
 def _setup_logging(verbose: bool) -> None:
     import logging
 
@@ -110,6 +62,10 @@ def _setup_logging(verbose: bool) -> None:
 
 def _fmt_gap(gap, se) -> str:
     return "n/a" if gap is None else f"{gap:+.2f}% +- {se:.2f}"
+
+
+#: Exit status of a run stopped by a signal: 128 + the signal number, as a shell reports it.
+_SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def _print_eval(result: dict, indent: str = "  ") -> None:
@@ -128,35 +84,33 @@ def _markov_train(args: argparse.Namespace) -> int:
     """Train a transformer on Markov-k sequences and report its gap to the exact Bayes NLL.
 
     With no options this is the CPU demo: a 2-layer, width-64 rope transformer at k = 2 (L = 400), up to 400
-    steps (it stops once the eval gap + 2 SE is below 3%, typically near step 250): a few minutes on two
-    cores. Every TrainConfig field is an option (eqprop.train.markov.TrainConfig); artifacts go to
-    --out-dir. Under torchrun it trains data-parallel.
+    steps (it stops once the eval gap + 2 SE is below 3%). Every TrainConfig field is an option
+    (eqprop.train.markov.TrainConfig); artifacts go to --out-dir, and a folder that already holds a run is
+    refused unless --resume (continue it) or --overwrite (move it aside) is given. Under torchrun it trains
+    data-parallel. Exit status: 0, 1 if the loss diverged, 130 / 143 if stopped by SIGINT / SIGTERM.
     """
     _setup_logging(args.verbose)
-    from eqprop.train.markov import train
+    from eqprop.train.markov import TrainConfig, train
 
-    cfg = _config_from_args(args)
+    cfg = TrainConfig.from_args(args)
     s = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
-    print(f"Markov k={s.k} (L={s.seq_len}): {cfg.n_layer}-layer width-{cfg.d_model} {cfg.pos_enc} transformer, "
-          f"{s.n_params:,} params; {s.steps} steps in {s.wall_s:.0f} s ({s.status})")
-    if s.message:
-        print(f"  {s.message}")
-    if s.best_gap_pct is not None:
-        print(f"best eval gap {_fmt_gap(s.best_gap_pct, s.best_gap_se)} at step {s.best_step} "
-              f"(fixed eval set, {cfg.eval_batches * cfg.eval_batch_size} sequences)")
+    print(f"{cfg.n_layer}-layer width-{cfg.d_model} {cfg.pos_enc} transformer; best eval gap on the fixed eval set "
+          f"of {cfg.eval_batches * cfg.eval_batch_size} sequences, final gaps on fresh ones")
+    print(s)
     for f in s.final:
         print(f"final gap to Bayes of best.pt: {_fmt_gap(f['gap_pct'], f['gap_se'])}  "
               f"(model {f['model_nll']:.4f} vs Bayes {f['bayes_nll']:.4f} nats/token; {f['n_seqs']} fresh "
               f"sequences, seed {f['seed']})")
     if s.final:
         _print_eval(s.final[0])
-        print(f"gate (both final gaps <= {s.target_gap_pct}%): {'PASS' if s.gate_passed else 'FAIL'}")
     for name, path in s.figures.items():
         print(f"figure {name}: {path}")
     print(f"summary: {s.out_dir}/summary.json   history: {s.out_dir}/training_history.csv")
-    return {"diverged": 1, "interrupted": 130}.get(s.status, 0)
+    if s.status == "interrupted":
+        return _SIGNAL_EXIT.get(s.stop_signal, 130)
+    return 1 if s.status == "diverged" else 0
 
 
 def _markov_eval(args: argparse.Namespace) -> int:
@@ -182,14 +136,15 @@ def _markov_eval(args: argparse.Namespace) -> int:
 def _markov_ladder(args: argparse.Namespace) -> int:
     """Grow transformers for each k until the gate passes: more steps while the gap still falls, else
     deeper, then wider. The other options set the first rung (a TrainConfig); the start is
-    eqprop.train.markov.LADDER_START (4 layers, width 128, 64 x 2 sequences per step, 2000 steps), not
+    eqprop.train.ladder.LADDER_START (4 layers, width 128, 64 x 2 sequences per step, 2000 steps), not
     the train command's CPU demo defaults."""
     _setup_logging(args.verbose)
-    from eqprop.train.markov import LADDER_START, ladder
+    from eqprop.train.ladder import LADDER_START, ladder
+    from eqprop.train.markov import TrainConfig
 
-    base = _config_from_args(args, skip=("k", "out_dir", "resume"), defaults=LADDER_START)
+    base = TrainConfig.from_args(args, skip=_LADDER_SKIP, defaults=LADDER_START)
     results = ladder(args.k, base=base, out_dir=args.out_dir, max_rungs=args.max_rungs, max_layers=args.max_layers,
-                     max_width=args.max_width, max_steps_cap=args.max_steps_cap)
+                     max_width=args.max_width, max_steps_cap=args.max_steps_cap, overwrite=base.overwrite)
     for k, res in results.items():
         best = min((r for r in res["rungs"] if r["best_gap_pct"] is not None), key=lambda r: r["best_gap_pct"],
                    default=None)
@@ -198,6 +153,9 @@ def _markov_ladder(args: argparse.Namespace) -> int:
         print(f"k={k}: {'PASS' if res['passed'] else 'FAIL'} after {len(res['rungs'])} rungs ({res['reason']}); {tail}")
     print(f"ladder summary: {args.out_dir}/ladder_summary.json   plot: {args.out_dir}/ladder.png")
     return 0 if all(r["passed"] for r in results.values()) else 1
+
+
+_LADDER_SKIP = ("k", "out_dir", "resume")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,16 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     bayes.set_defaults(func=_markov_bayes)
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
+    from eqprop.train.markov import TrainConfig
+
     tr = mk_sub.add_parser("train", help="train a transformer and report its gap to Bayes (the CPU demo by default)",
                            description=_markov_train.__doc__)
-    _add_config_options(tr)
+    TrainConfig.add_options(tr)
     tr.add_argument("-v", "--verbose", action="store_true", help="log every evaluation")
     tr.set_defaults(func=_markov_train)
 
     ev = mk_sub.add_parser("eval", help="score a checkpoint on fresh sequences", description=_markov_eval.__doc__,
                            formatter_class=fmt)
     ev.add_argument("checkpoint", help="best.pt or last.pt written by `eqprop markov train`")
-    ev.add_argument("--batches", type=int, default=16, help="batches per evaluation set")
+    ev.add_argument("--batches", type=int, default=16, help="batches per evaluation set (>= 1)")
     ev.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
     ev.add_argument("--seed", type=int, nargs="+", default=[2_000_003, 3_000_017],
                     help="one independent evaluation set per seed")
@@ -246,17 +206,28 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--max-layers", type=int, default=8, help="deepest model (default: 8)")
     ld.add_argument("--max-width", type=int, default=512, help="widest model (default: 512)")
     ld.add_argument("--max-steps-cap", type=int, default=100_000, help="longest run (default: 100000)")
-    from eqprop.train.markov import LADDER_START
+    from eqprop.train.ladder import LADDER_START
 
-    _add_config_options(ld, skip=("k", "out_dir", "resume"), defaults=LADDER_START)
+    TrainConfig.add_options(ld, skip=_LADDER_SKIP, defaults=LADDER_START)
     ld.add_argument("-v", "--verbose", action="store_true")
     ld.set_defaults(func=_markov_ladder)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; a ``ValueError`` (bad option values, a folder that holds a run, a broken
+    checkpoint, a config too large for the device) is reported in one line with exit status 2."""
+    from eqprop.train.config import cli_style
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    with cli_style():  # messages name --resume / --overwrite, not resume=True
+        try:
+            return args.func(args)
+        except (ValueError, FileNotFoundError) as err:
+            if getattr(args, "verbose", False):
+                raise
+            print(f"eqprop {args.group} {args.command}: error: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

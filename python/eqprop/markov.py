@@ -253,3 +253,93 @@ def _(tokens, k, vocab_size):
 def _(batch, k, seq_len, vocab_size, alpha, seed, device, table_dtype):
     tokens = torch.empty((batch, seq_len), dtype=torch.long, device=device)
     return tokens, torch.empty((batch, vocab_size**k, vocab_size), dtype=table_dtype, device=device)
+
+
+# ---- where a model's gap sits: by position and by context visit count (docs/design.md §8) ----------
+
+__all__ += ["VISIT_BUCKETS", "gap_breakdowns"]
+
+#: Buckets of the context visit count N_<t(c_t) for the "gap by visit count" report: [lo, hi), None = open.
+VISIT_BUCKETS = ((0, 1), (1, 3), (3, 10), (10, 30), (30, 100), (100, None))
+
+
+def _context_visits_py(tokens: torch.Tensor, k: int, *, vocab_size: int = 2) -> torch.Tensor:
+    """Plain-PyTorch ``N_<t(c_t)`` (``visits[b, t]``, ``-1`` for ``t < k``); used until the C++ op is present."""
+    B, L = tokens.shape
+    ctx = torch.zeros(B, L - k, dtype=torch.long, device=tokens.device)  # c_t for t = k..L-1
+    for i in range(k):
+        ctx = ctx * vocab_size + tokens[:, i:L - k + i]
+    n_ctx = vocab_size**k
+    flat = (ctx + torch.arange(B, device=tokens.device)[:, None] * n_ctx).reshape(-1)  # [B * (L-k)]
+    order = torch.sort(flat, stable=True).indices  # groups by (sequence, context), in time order
+    sorted_keys = flat[order]
+    counts = torch.bincount(flat, minlength=B * n_ctx)
+    group_start = torch.cumsum(counts, 0) - counts  # first index of each (sequence, context) group
+    occurrence = torch.empty_like(flat)
+    occurrence[order] = torch.arange(flat.numel(), device=tokens.device) - group_start[sorted_keys]
+    visits = torch.full((B, L), -1, dtype=torch.long, device=tokens.device)
+    visits[:, k:] = occurrence.view(B, L - k)
+    return visits
+
+
+def _gap_on(model_nll: torch.Tensor, bayes: torch.Tensor, mask: torch.Tensor) -> tuple:
+    """Gap% and SE over the masked tokens: zeroing both NLLs outside the mask turns ``gap_pct``'s per-sequence
+    means into sums, whose common 1/L cancels in the ratio, so this is the pooled gap over the mask with
+    the same paired delta-method SE. ``(None, None)`` for an empty mask."""
+    if not bool(mask.any()):
+        return None, None
+    m = torch.where(mask, model_nll.double(), 0.0)
+    b = torch.where(mask, bayes.to(model_nll.device).double(), 0.0)
+    return gap_pct(m, b, 0)
+
+
+def gap_breakdowns(model_nll: torch.Tensor, bayes_nll: torch.Tensor, tokens: torch.Tensor, k: int, *,
+                   vocab_size: int = 2, n_bins: int = 20) -> tuple:
+    """Where a model's gap to Bayes sits: by position and by how often the target's context was seen before.
+
+    Each entry is a pooled, paired gap over a subset of the tokens ``t >= k`` (as ``gap_pct``, with its
+    delta-method SE over sequences); weighted by the Bayes NLL in each part, the gaps of a partition
+    average back to the total gap.
+
+    Args:
+        model_nll, bayes_nll: ``[B, L]`` per-token NLLs (nats) of any model and of Bayes on ``tokens``.
+        tokens: ``[B, L]`` int64; k, vocab_size: the Markov order and V.
+        n_bins: position bins of the fine curve (at most ``L - k``).
+
+    Returns:
+        ``(by_position, by_visits)``. ``by_position``: ``{"early" | "middle" | "late": {"positions": [lo, hi],
+        "gap_pct", "gap_se"}, "bins": [... n_bins such dicts]}`` (thirds of ``[k, L)``); ``by_visits``: one
+        dict per ``VISIT_BUCKETS`` entry ``{"visits": [lo, hi], "frac_tokens", "gap_pct", "gap_se"}``
+        (``None`` gaps for empty buckets), the visit count being ``N_<t(c_t)``, the count the Bayes
+        predictive conditions on.
+
+    Example: ``by_pos, by_visits = gap_breakdowns(model.token_nll(x), bayes_nll(x, 3), x, 3)``
+    """
+    if tokens.dim() != 2 or model_nll.shape != tokens.shape or bayes_nll.shape != tokens.shape:
+        raise ValueError(f"model_nll, bayes_nll and tokens must all be [B, L] of one shape, got "
+                         f"{tuple(model_nll.shape)}, {tuple(bayes_nll.shape)} and {tuple(tokens.shape)}")
+    k = _int_arg("k", k)
+    N, L = tokens.shape
+    if not 0 < k < L:
+        raise ValueError(f"k must be in [1, L={L}), got {k}")
+    pos = torch.arange(L, device=model_nll.device).expand(N, L)
+    edges = [k + round(i * (L - k) / 3) for i in range(4)]
+    by_position = {}
+    for name, lo, hi in zip(("early", "middle", "late"), edges[:-1], edges[1:]):
+        gap, se = _gap_on(model_nll, bayes_nll, (pos >= lo) & (pos < hi))
+        by_position[name] = {"positions": [lo, hi], "gap_pct": gap, "gap_se": se}
+    n_bins = min(_int_arg("n_bins", n_bins), L - k)
+    bin_edges = [k + round(i * (L - k) / n_bins) for i in range(n_bins + 1)]
+    by_position["bins"] = []
+    for lo, hi in zip(bin_edges[:-1], bin_edges[1:]):
+        gap, se = _gap_on(model_nll, bayes_nll, (pos >= lo) & (pos < hi))
+        by_position["bins"].append({"positions": [lo, hi], "gap_pct": gap, "gap_se": se})
+    count = globals().get("context_visits", _context_visits_py)
+    visits = count(tokens, k, vocab_size=vocab_size).to(model_nll.device)
+    by_visits = []
+    for lo, hi in VISIT_BUCKETS:
+        mask = (visits >= lo) & ((visits < hi) if hi is not None else True)
+        gap, se = _gap_on(model_nll, bayes_nll, mask)
+        by_visits.append({"visits": [lo, hi], "frac_tokens": float(mask.double().sum() / (N * (L - k))),
+                          "gap_pct": gap, "gap_se": se})
+    return by_position, by_visits

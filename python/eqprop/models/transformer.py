@@ -4,28 +4,22 @@ Attention goes through ``F.scaled_dot_product_attention``, so on a GPU the flash
 kernels run whenever the mask allows (every positional encoding but ``alibi``, which needs an additive
 ``[H, L, L]`` bias and therefore the math or memory-efficient kernel).
 
-NLL convention (the one ``eqprop.markov.gap_pct`` expects): the model predicts ``x_t`` from ``x_<t``,
-so ``nll[:, t] = -ln softmax(logits[:, t - 1])[x_t]`` for ``t >= 1``, and ``nll[:, 0] = ln V`` (position
-0 has no context; the uniform predictive is the Bayes one there). ``logits[:, t]`` is the prediction
-for ``x_{t+1}``.
+It follows the models' shared interface (``eqprop.models.interface``): ``forward`` returns logits
+``[B, L, V]`` with ``logits[:, t]`` predicting ``x_{t+1}``; ``token_nll(tokens)`` returns ``[B, L]`` with
+``nll[:, t] = -ln p(x_t | x_<t)`` and ``nll[:, 0] = ln V`` (the layout ``eqprop.markov.gap_pct`` scores).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .interface import next_token_nll
+
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
-
-
-class TransformerOutput(NamedTuple):
-    logits: torch.Tensor  # [B, L, V]; logits[:, t] predicts x_{t+1}
-    nll: torch.Tensor  # [B, L] float32; nll[:, t] = -ln p(x_t | x_<t), nll[:, 0] = ln V
 
 
 def sinusoidal_table(seq_len: int, dim: int, *, base: float = 10000.0, device=None) -> torch.Tensor:
@@ -141,23 +135,23 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """GPT-style decoder-only transformer (pre-LN) returning logits and per-token NLL.
+    """GPT-style decoder-only transformer (pre-LN) for next-token prediction.
 
     Args:
         vocab_size: V.
         n_layer, n_head, d_model: depth, heads, width (``d_model`` divisible by ``n_head``).
         mlp_ratio: MLP hidden width / ``d_model``.
-        max_seq_len: longest sequence for ``pos_enc="learned"`` (the other encodings take any length).
+        max_len: longest sequence for ``pos_enc="learned"`` (the other encodings take any length).
         pos_enc: ``learned`` | ``sinusoidal`` (added to the token embedding), ``rope`` (rotates q, k),
             ``alibi`` (additive attention bias) or ``none`` (causal mask only).
         grad_checkpointing: recompute each block in the backward pass (activation memory O(1 block)).
         rope_base: base of the rope / sinusoidal frequencies.
 
-    ``forward(tokens [B, L] int64) -> TransformerOutput(logits [B, L, V], nll [B, L] float32)``; see the
-    module docstring for the NLL convention. Under ``torch.autocast(dtype=torch.bfloat16)`` the
-    blocks run in bf16 and the NLL is computed from float32 logits.
+    ``forward(tokens [B, L] int64) -> logits [B, L, V]``; ``token_nll(tokens) -> [B, L]`` float32 (see the
+    module docstring for the convention). Under ``torch.autocast(dtype=torch.bfloat16)`` the blocks run
+    in bf16 and the NLL is computed from float32 logits.
 
-    Example: ``out = Transformer(2, n_layer=2, n_head=4, d_model=64)(x); out.nll[:, k:].mean()``
+    Example: ``Transformer(2, n_layer=2, n_head=4, d_model=64).token_nll(x)[:, k:].mean()``
     """
 
     def __init__(
@@ -168,7 +162,7 @@ class Transformer(nn.Module):
         n_head: int = 4,
         d_model: int = 64,
         mlp_ratio: float = 4.0,
-        max_seq_len: int = 400,
+        max_len: int = 400,
         pos_enc: str = "learned",
         grad_checkpointing: bool = False,
         rope_base: float = 10000.0,
@@ -187,12 +181,12 @@ class Transformer(nn.Module):
         if pos_enc == "sinusoidal" and d_model % 2:
             raise ValueError(f"sinusoidal positions need an even d_model, got {d_model}")
         self.config = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, d_model=d_model,
-                           mlp_ratio=mlp_ratio, max_seq_len=max_seq_len, pos_enc=pos_enc,
+                           mlp_ratio=mlp_ratio, max_len=max_len, pos_enc=pos_enc,
                            grad_checkpointing=grad_checkpointing, rope_base=rope_base)
-        self.vocab_size, self.pos_enc, self.max_seq_len = vocab_size, pos_enc, max_seq_len
+        self.vocab_size, self.pos_enc, self.max_len = vocab_size, pos_enc, max_len
         self.grad_checkpointing = grad_checkpointing
         self.tok_emb = nn.Embedding(vocab_size, d_model)
-        self.pos_emb = nn.Embedding(max_seq_len, d_model) if pos_enc == "learned" else None
+        self.pos_emb = nn.Embedding(max_len, d_model) if pos_enc == "learned" else None
         self.blocks = nn.ModuleList(Block(d_model, n_head, mlp_ratio, pos_enc, rope_base) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
@@ -213,15 +207,16 @@ class Transformer(nn.Module):
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def forward(self, tokens: torch.Tensor) -> TransformerOutput:
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, L, V]``: ``logits[:, t]`` predicts ``x_{t+1}`` from ``x_<=t``."""
         if tokens.dim() != 2 or tokens.dtype != torch.long:
             raise ValueError(f"tokens must be [B, L] int64, got {tuple(tokens.shape)} {tokens.dtype}")
         B, L = tokens.shape
         x = self.tok_emb(tokens)  # [B, L, C]
         if self.pos_enc == "learned":
-            if L > self.max_seq_len:
-                raise ValueError(f"sequence length {L} exceeds max_seq_len={self.max_seq_len} of the learned "
-                                 "positional embedding; build the model with a larger max_seq_len")
+            if L > self.max_len:
+                raise ValueError(f"sequence length {L} exceeds max_len={self.max_len} of the learned "
+                                 "positional embedding; build the model with a larger max_len")
             x = x + self.pos_emb.weight[:L]
         elif self.pos_enc == "sinusoidal":
             x = x + sinusoidal_table(L, x.shape[-1], base=self.config["rope_base"], device=x.device).to(x.dtype)
@@ -230,18 +225,11 @@ class Transformer(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        logits = self.head(self.ln_f(x))  # [B, L, V]
-        return TransformerOutput(logits, self.token_nll(logits, tokens))
+        return self.head(self.ln_f(x))  # [B, L, V]
 
-    @staticmethod
-    def token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Per-token NLL ``[B, L]`` (float32) from next-token logits ``[B, L, V]``: ``nll[:, t]`` is the NLL of
-        ``x_t`` under ``logits[:, t - 1]``; ``nll[:, 0] = ln V``.
+    def token_nll(self, tokens: torch.Tensor) -> torch.Tensor:
+        """NLL of every token given its prefix, ``[B, L]`` float32 (nats); column 0 is ``ln V``.
 
-        Example: ``Transformer.token_nll(torch.zeros(1, 5, 2), x)  # all ln 2``
+        Example: ``model.token_nll(x)[:, k:].mean()  # the training loss on Markov-k``
         """
-        B, L, V = logits.shape
-        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, V), tokens[:, 1:].reshape(-1),
-                              reduction="none").view(B, L - 1)  # [B, L-1], targets x_1..x_{L-1}
-        first = nll.new_full((B, 1), math.log(V))
-        return torch.cat([first, nll], dim=1)
+        return next_token_nll(self(tokens), tokens)

@@ -1,5 +1,12 @@
-"""Training loops (thin Python): ``eqprop.train.markov`` trains transformers on the Markov-k benchmark."""
+"""Training loops (thin Python, docs/design.md §10).
 
-from . import markov
+- ``core``: the one loop every trainer uses (``fit(task, config)``) and the ``Task`` hooks a trainer supplies;
+- ``config``: strict dataclass configs and the command-line options generated from them;
+- ``checkpoint``: atomic, checksummed checkpoints loaded with ``weights_only=True``;
+- ``markov``: transformers on the Markov-k benchmark against the exact Bayes NLL; ``ladder``: grow them
+  until the gap gate passes; ``figures``: the plots the trainers write.
+"""
 
-__all__ = ["markov"]
+from . import checkpoint, config, core, ladder, markov
+
+__all__ = ["checkpoint", "config", "core", "ladder", "markov"]
