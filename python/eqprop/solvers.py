@@ -26,7 +26,7 @@ import torch
 from . import _C
 
 __all__ = ["RelaxOptions", "BackwardOptions", "RelaxInfo", "as_field", "relax", "fixed_point", "STATUS_NAMES",
-           "NonConvergenceWarning", "NonConvergenceError"]
+           "NonConvergenceWarning", "NonConvergenceError", "min_rel_tol"]
 
 log = logging.getLogger(__name__)
 
