@@ -469,7 +469,8 @@ def fixed_point(f: Any, x: Optional[torch.Tensor], *, backward: str = "implicit"
     bo = _backward_options(backward_max_steps, backward_tol, backward_solver, backward_anderson_m, opts)
     fld = as_field(f, x)
     start = _initial_state(x, z0)
-    _warn_unreachable_tol("fixed_point", start.dtype, opts, bo.tol if backward == "implicit" else None)
+    adjoint_tol = bo.tol if backward == "implicit" and torch.is_grad_enabled() else None
+    _warn_unreachable_tol("fixed_point", start.dtype, opts, adjoint_tol)
     if backward == "bptt" and bptt_horizon is None:
         # Plain BPTT: the whole damped Picard relaxation from z0 on the graph.
         info = None
