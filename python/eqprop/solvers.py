@@ -10,6 +10,13 @@ Every function takes the vector field ``f`` in one of three forms:
 
 The loops run in C++ (``csrc/solvers/relax.cpp``). State ``z`` is ``[B, ...]``: the first dimension
 indexes samples, and the field must not mix samples (stats and stopping are per sample).
+
+No silent non-convergence: a relaxation or adjoint solve that ends above its tolerance for some
+sample (status ``max_steps`` or ``diverged``) is reported once per call as a
+:class:`NonConvergenceWarning` (``on_nonconvergence="warn"``, the default), raised as
+:class:`NonConvergenceError` (``"raise"``) or left to the returned per-sample status
+(``"ignore"``); a relative ``tol`` below the dtype's resolution (:func:`min_rel_tol`) is warned
+about before the loop starts.
 """
 
 from __future__ import annotations
