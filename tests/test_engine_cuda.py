@@ -68,7 +68,7 @@ def test_graph_replay_equals_eager_steps_float64(check_every, stop, trace, atten
     replayed). max_steps = 45 leaves a tail shorter than a graph for check_every = 4 and 7, and
     check_every = 40 is captured as graphs of 32 steps."""
     blk, x, gblk, gx = _pair(torch.float64, attention=attention)
-    kw = dict(tol=1e-11, max_steps=45, stop=stop, trace=trace)
+    kw = dict(tol=1e-11, max_steps=45, stop=stop, trace=trace, on_nonconvergence="ignore")  # energy: expected
     z_cpu, i_cpu = eqprop.relax(blk, x, **kw)
     z_eag, i_eag = eqprop.relax(gblk, gx, cuda_graph=False, **kw)
     z_gr, i_gr = eqprop.relax(gblk, gx, cuda_graph=True, check_every=check_every, **kw)

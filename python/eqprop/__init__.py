@@ -56,11 +56,12 @@ def build_info() -> dict:
 # eqprop.train is imported on demand: it pulls in torch.distributed.
 from . import diagnostics, estimators, markov, models, solvers  # noqa: E402
 from .block import EquilibriumBlock, EquilibriumLM  # noqa: E402
-from .solvers import fixed_point, relax  # noqa: E402
+from .solvers import NonConvergenceError, NonConvergenceWarning, fixed_point, relax  # noqa: E402
 
 __all__ = [
     "__version__", "build_info",
     "markov", "models",
     "EquilibriumBlock", "EquilibriumLM", "relax", "fixed_point",
+    "NonConvergenceWarning", "NonConvergenceError",
     "solvers", "estimators", "diagnostics",
 ]

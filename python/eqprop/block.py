@@ -80,6 +80,16 @@ class EquilibriumBlock(nn.Module):
     complex input (complex64 with float32 parameters, complex128 with float64) runs the holomorphic
     extension.
 
+    Hooks: ``register_forward_hook`` / ``register_forward_pre_hook`` fire on ``block(z, x)`` only.
+    ``eqprop.relax``, ``eqprop.fixed_point``, the estimators and the diagnostics run F through
+    ``block.vector_field(x)`` in the C++ loop, which never calls ``forward``, so hooks do not fire
+    there (and ``register_full_backward_hook`` does not see the implicit backward). What works:
+    the per-step residuals of every relaxation are in the returned ``RelaxInfo``
+    (``info.trace_rel`` / ``info.trace_abs`` [T, B], ``info.steps``, ``info.status``; the adjoint
+    solve's in ``info.backward``); to look at activations, call the block (and its hooks) once on
+    the returned fixed point, ``block(z_star, x)``, or evaluate the native field there,
+    ``block.vector_field(x).eval(z_star)``.
+
     Example: ``blk = EquilibriumBlock(64, 4); Fz = blk(torch.zeros(2, 10, 64), x)``
     """
 
@@ -235,6 +245,11 @@ class EquilibriumLM(nn.Module):
     it is constrained. On Markov k = 1 (C = 32, H = 2, AdamW lr 1e-2) ``spectral_rho=1.0`` kept the
     relaxation converging in ~9 steps throughout, while without it the residual reached ~1 within
     25 steps and the loss went back to ln 2; start from ``spectral_rho=1.0``.
+
+    Non-convergence: ``fixed_point_options`` may set ``on_nonconvergence`` ("warn" by default:
+    one ``eqprop.NonConvergenceWarning`` per forward, and per backward, that ends above tol);
+    ``self.last_info`` keeps the per-sample status. Forward hooks on ``self.block`` do not fire
+    inside the relaxation (see ``EquilibriumBlock``).
 
     Example: ``lm = EquilibriumLM(2, 32, 2, max_len=200, pos_enc="rope", spectral_rho=1.0);
     lm.loss(eqprop.markov.sample(16, 1)).backward()``

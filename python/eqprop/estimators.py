@@ -19,7 +19,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import _C
-from .solvers import RelaxOptions, _backward_options, _initial_state, _relax, as_field
+from .solvers import (RelaxOptions, _adjoint_unconverged, _backward_options, _check_options, _forward_unconverged,
+                      _initial_state, _int_option, _relax, _report, _warn_unreachable_tol, as_field)
 
 __all__ = ["Estimate", "Implicit", "BPTT"]
 
@@ -30,6 +31,8 @@ class Estimate:
     point, detached) and ``stats`` (forward ``relax`` info and, where it applies, the backward solve).
 
     ``apply_to(module)`` writes the grads into ``p.grad`` of matching named parameters.
+    ``stats["forward"].nonconverged`` and (Implicit) ``stats["backward"]["nonconverged"]`` [B]
+    flag the samples whose relaxation / adjoint solve ended above its tolerance.
     """
 
     loss: torch.Tensor
@@ -88,26 +91,42 @@ class Implicit:
     ``Implicit(backward_max_steps=None, backward_tol=None, backward_solver="picard",
     backward_anderson_m=5, **relax_options)`` (None: the forward ``max_steps`` / ``tol``;
     ``backward_solver="anderson"`` accelerates the adjoint solve); unknown options raise.
+    ``on_nonconvergence`` (a relax option, default ``"warn"``): when the forward relaxation or the
+    adjoint solve ends above its tolerance for some sample, ``grad`` issues one
+    ``eqprop.NonConvergenceWarning`` naming the phase(s), the count and the worst residual
+    (``"raise"``: ``eqprop.NonConvergenceError``, before the adjoint if the forward failed;
+    ``"ignore"``: nothing).
     Example: ``est = Implicit(tol=1e-8).grad(layer, x, lambda z: z.square().mean())``.
     """
 
     def __init__(self, *, backward_max_steps: Optional[int] = None, backward_tol: Optional[float] = None,
                  backward_solver: str = "picard", backward_anderson_m: int = 5, **relax_options):
-        self.relax_options = RelaxOptions.from_kwargs("Implicit", relax_options)
+        self.relax_options = _check_options(RelaxOptions.from_kwargs("Implicit", relax_options))
         self.backward = _backward_options(backward_max_steps, backward_tol, backward_solver,
                                           backward_anderson_m, self.relax_options)
 
     def grad(self, f: Any, x: Optional[torch.Tensor], loss_fn: Callable, *,
              z0: Optional[torch.Tensor] = None) -> Estimate:
         fld = as_field(f, x)
-        z_star, info = _relax(fld, _initial_state(x, z0), self.relax_options)
+        opts, bo = self.relax_options, self.backward
+        start = _initial_state(x, z0)
+        _warn_unreachable_tol("Implicit.grad", start.dtype, opts, bo.tol)
+        z_star, info = _relax(fld, start, opts)
+        forward_msg = _forward_unconverged(info, opts)
+        if opts.on_nonconvergence == "raise":  # no adjoint solve for a gradient that will be refused
+            _report("Implicit.grad", [forward_msg], "raise", info)
         loss, g, grads = _loss_and_cotangent(loss_fn, z_star)
         gp = g.conj().resolve_conj() if g.is_complex() else g
-        bo = self.backward
         res = _C.implicit_grads(fld, z_star, gp, bo.max_steps, bo.tol, bo.solver, bo.anderson_m, bo.eps)
         names, params = _field_params(fld)
         field_grads = {n: _autograd_convention(pg, p) for n, p, pg in zip(names, params, res["param_grads"])}
         backward = {k: v for k, v in res.items() if k not in ("param_grads", "lambda")}
+        backward["nonconverged"] = res["status"] != 0
+        info.backward = backward
+        # One report for both phases (docs/design.md §5: an adjoint stopped above tol gives a
+        # gradient off by about its residual).
+        _report("Implicit.grad", [forward_msg, _adjoint_unconverged(res, bo, opts.on_nonconvergence)],
+                opts.on_nonconvergence, info)
         return Estimate(loss=loss, grads={**field_grads, **grads}, z=z_star.detach(),
                         stats={"forward": info, "backward": backward})
 
@@ -116,19 +135,24 @@ class BPTT:
     """Truncated backprop through time: relax to z*, then backprop through ``horizon`` damped Picard
     steps from z* (DESIGN.md §5); converges to :class:`Implicit` as the horizon grows.
 
-    ``BPTT(horizon, **relax_options)``. Example: ``BPTT(20).grad(layer, x, loss_fn).grads``.
+    ``BPTT(horizon, **relax_options)``; ``on_nonconvergence`` as in :class:`Implicit` (forward
+    relaxation only: BPTT has no adjoint solve). Example: ``BPTT(20).grad(layer, x, loss_fn).grads``.
     """
 
     def __init__(self, horizon: int, **relax_options):
-        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        if _int_option("horizon", horizon) < 1:
             raise ValueError(f"horizon must be an int >= 1, got {horizon!r}")
-        self.horizon = horizon
-        self.relax_options = RelaxOptions.from_kwargs("BPTT", relax_options)
+        self.horizon = int(horizon)
+        self.relax_options = _check_options(RelaxOptions.from_kwargs("BPTT", relax_options))
 
     def grad(self, f: Any, x: Optional[torch.Tensor], loss_fn: Callable, *,
              z0: Optional[torch.Tensor] = None) -> Estimate:
         fld = as_field(f, x)
-        z_star, info = _relax(fld, _initial_state(x, z0), self.relax_options)
+        opts = self.relax_options
+        start = _initial_state(x, z0)
+        _warn_unreachable_tol("BPTT.grad", start.dtype, opts)
+        z_star, info = _relax(fld, start, opts)
+        _report("BPTT.grad", [_forward_unconverged(info, opts)], opts.on_nonconvergence, info)
         names, params = _field_params(fld)
         readout = ([(n, p) for n, p in loss_fn.named_parameters() if p.requires_grad]
                    if isinstance(loss_fn, torch.nn.Module) else [])
