@@ -14,7 +14,6 @@ indexes samples, and the field must not mix samples (stats and stopping are per 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field as dc_field
 from typing import Any, Callable, Optional
@@ -31,43 +30,23 @@ log = logging.getLogger(__name__)
 STATUS_NAMES = ("converged", "max_steps", "diverged")
 
 
-@dataclass
-class RelaxOptions:
-    """Options of :func:`relax` (the free phase). Unknown keys are rejected by :meth:`from_kwargs`.
-
-    ``eps`` is the damping of ``z <- z + eps (F(z) - z)`` (and Anderson's mixing beta);
-    ``stop="rel"`` stops a sample at ``||F(z) - z|| / ||F(z)|| <= tol``, ``"abs"`` at
-    ``||F(z) - z|| <= tol``; a sample is *diverged* when its residual is non-finite or exceeds
-    ``divergence`` times its first residual.
-
-    ``check_every``: the host checks whether every sample has stopped (one device sync) after
-    every that many steps; larger values save syncs (and, with a CUDA graph, launches) at the cost
-    of up to ``check_every - 1`` batched steps after the last sample stopped, counted in
-    ``n_evals`` (per-sample results do not change: stopped samples are frozen).
-    ``cuda_graph``: replay the step as a CUDA graph — None (auto) does when the state is on CUDA,
-    the solver is Picard, there is no ``drive`` and the field is a native block field; True
-    demands it (ValueError saying why not); False never.
-    """
-
-    max_steps: int = 100
-    eps: float = 1.0
-    tol: float = 1e-4
-    stop: str = "rel"
-    solver: str = "picard"
-    anderson_m: int = 5
-    anderson_reg: float = 1e-8
-    divergence: float = 1e4
-    trace: bool = True
-    check_every: int = 1
-    cuda_graph: Optional[bool] = None
-
-    @classmethod
-    def from_kwargs(cls, where: str, kwargs: dict) -> "RelaxOptions":
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(kwargs) - set(valid))
-        if unknown:
-            raise TypeError(f"{where}: unknown relaxation option(s) {unknown}; valid options are {valid}")
-        return cls(**kwargs)
+#: The relaxation options: one class, defined and checked in C++ (``csrc/solvers/relax.h``,
+#: ``csrc/bindings/relax_options.cpp``). ``RelaxOptions(max_steps=50, tol=1e-6)``; unknown keys and
+#: wrong types raise TypeError (listing the valid keys), values out of range ValueError;
+#: ``RelaxOptions.from_kwargs(where, kwargs)`` does the same with errors prefixed by ``where``;
+#: ``opts.replace(**changes)``, ``opts.to_dict()``, ``RelaxOptions.fields()``. It pickles.
+#:
+#: ``eps`` is the damping of ``z <- z + eps (F(z) - z)`` (and Anderson's mixing beta);
+#: ``stop="rel"`` stops a sample at ``||F(z) - z|| / ||F(z)|| <= tol``, ``"abs"`` at
+#: ``||F(z) - z|| <= tol``; a sample is *diverged* when its residual is non-finite or exceeds
+#: ``divergence`` times its first residual. ``check_every``: the host checks whether every sample
+#: has stopped (one device sync) after every that many steps; larger values save syncs (and, with
+#: a CUDA graph, launches) at the cost of up to ``check_every - 1`` batched steps after the last
+#: sample stopped, counted in ``n_evals``. ``cuda_graph``: replay the step as a CUDA graph — None
+#: (auto) does when the state is on CUDA, the solver is Picard, there is no ``drive`` and the field
+#: is a native block field; True demands it (ValueError saying why not); False never.
+#: ``on_nonconvergence``: "warn", "raise" or "ignore" when a sample ends above tolerance.
+RelaxOptions = _C.RelaxOptions
 
 
 @dataclass
@@ -167,55 +146,35 @@ def _info(d: dict) -> RelaxInfo:
                      n_evals=int(d["n_evals"]), cuda_graph=bool(d["cuda_graph"]))
 
 
-def _int_option(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    return v
-
-
-def _graph_mode(v: Optional[bool]) -> str:
-    if v is None:
-        return "auto"
-    if not isinstance(v, bool):
-        raise TypeError(f"cuda_graph must be None (auto), True or False, got {v!r}")
-    return "on" if v else "off"
-
-
 def _relax(fld, z0: torch.Tensor, opts: RelaxOptions, drive=None) -> tuple[torch.Tensor, RelaxInfo]:
-    d = _C.relax(fld, z0, int(opts.max_steps), float(opts.eps), float(opts.tol), str(opts.stop),
-                 str(opts.solver), int(opts.anderson_m), float(opts.anderson_reg), float(opts.divergence),
-                 bool(opts.trace), _int_option("check_every", opts.check_every),
-                 _graph_mode(opts.cuda_graph), drive)
+    d = _C.relax(fld, z0, opts, drive)
     info = _info(d)
     if bool(info.diverged.any()):
         log.warning("relax: %d of %d samples diverged", int(info.diverged.sum()), info.status.numel())
     return d["z"], info
 
 
-def relax(f: Any, x: Optional[torch.Tensor], *, z0: Optional[torch.Tensor] = None, max_steps: int = 100,
-          eps: float = 1.0, tol: float = 1e-4, stop: str = "rel", solver: str = "picard",
-          anderson_m: int = 5, anderson_reg: float = 1e-8, divergence: float = 1e4,
-          trace: bool = True, check_every: int = 1, cuda_graph: Optional[bool] = None,
-          drive: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+def relax(f: Any, x: Optional[torch.Tensor], *, z0: Optional[torch.Tensor] = None,
+          drive: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, **options,
           ) -> tuple[torch.Tensor, RelaxInfo]:
     """Relax to the fixed point z* = F(z*; x) (DESIGN.md §4), never differentiated through.
 
     Damped Picard ``z <- z + eps (F(z) - z)`` or type-II Anderson (``anderson_m`` history,
     regularization ``anderson_reg``, mixing ``eps``) from ``z0`` (default zeros like x).
+    ``options`` are those of :data:`RelaxOptions` (``print(eqprop.RelaxOptions())`` shows the
+    defaults); an unknown option raises TypeError listing the valid ones.
     Returns ``(z, info)``: z [B, ...] is the lowest-residual iterate per sample (among the
     ``max_steps`` evaluated ones, z_0 ... z_{T-1}); ``info`` is a
     :class:`RelaxInfo`. Divergence is reported per sample in ``info.status``, never raised.
     ``drive(z)`` (optional, [B, ...] -> [B, ...]) is added to F: the relaxation then follows
     dz/dt = F(z) + drive(z) - z, the nudged phase of EP with drive = -β ∂ℓ/∂z + c(z) (DESIGN.md §5);
     residuals are those of the driven field. ``check_every`` and ``cuda_graph``: see
-    :class:`RelaxOptions`.
+    :data:`RelaxOptions`.
 
     Example: ``z, info = eqprop.relax(lambda z, x: 0.5 * torch.tanh(z) + x, torch.randn(4, 8))``.
     """
+    opts = RelaxOptions.from_kwargs("relax", options)
     fld = as_field(f, x)
-    opts = RelaxOptions(max_steps=max_steps, eps=eps, tol=tol, stop=stop, solver=solver,
-                        anderson_m=anderson_m, anderson_reg=anderson_reg, divergence=divergence, trace=trace,
-                        check_every=check_every, cuda_graph=cuda_graph)
     if drive is not None and not callable(drive):
         raise TypeError(f"drive must be callable as drive(z) or None, got {type(drive).__name__}")
     return _relax(fld, _initial_state(x, z0), opts, drive)
