@@ -57,8 +57,8 @@ void drop_graph(std::unique_ptr<at::cuda::CUDAGraph>& g) {
 // its destruction decrements them, and a capture_begin into a pool whose count fell to zero fails
 // an internal assertion. Rather than holding the counts by hand (the host allocator's calls exist
 // only in some torch versions), the previous graph is kept alive until the next capture into the
-// pool has begun: the counts never reach zero between captures, in whatever allocators this torch
-// version counts. The previous graph is never replayed again, so the new capture may reuse the
+// pool has begun (it is destroyed once that capture has ended): the counts never reach zero between
+// captures, in whatever allocators this torch version counts. The previous graph is never replayed again, so the new capture may reuse the
 // blocks the previous one freed (the pool-sharing rule of CUDA graphs: replay in capture order).
 //
 // Invariant: `pool` is set exactly when `previous` holds a graph captured into it. A failed
@@ -160,10 +160,12 @@ std::pair<int64_t, bool> relax_graphed(Relaxation& r, const RelaxOptions& opt, c
       // Thread-local mode: other threads' CUDA calls (the GIL is released) cannot break this
       // capture.
       graph->capture_begin(pool, cudaStreamCaptureModeThreadLocal);
-      drop_graph(res.previous);  // the new graph holds the pool's counts now
       res.pool = pool;
       for (int64_t i = 0; i < k; ++i) r.step(t + i);
       graph->capture_end();
+      // The new graph holds the pool's counts now. The previous one is destroyed only here, after
+      // the capture: destroying an executable graph is no call to make while this thread captures.
+      drop_graph(res.previous);
       res.previous = std::move(graph);  // held before anything else can throw
       captured = true;
     } catch (const std::exception& err) {
