@@ -7,6 +7,7 @@
 #include "bindings/binder.h"
 #include "bindings/vector_field_binding.h"
 #include "block/block.h"
+#include "block/block_field.h"
 
 namespace py = pybind11;
 using eqprop::block::BlockConfig;
@@ -23,6 +24,36 @@ eqprop::block::Weights weights_for(const BlockConfig& cfg, const std::vector<at:
   return like.is_complex() ? w.to(like.scalar_type()) : w;
 }
 
+// The constructor's keyword arguments (pickling: copy.deepcopy, torch.save, spawn).
+py::dict config_state(const BlockConfig& c) {
+  py::dict d;
+  d["d_model"] = c.d_model;
+  d["n_heads"] = c.n_heads;
+  d["d_ff"] = c.d_ff;
+  d["coupling"] = to_string(c.coupling);
+  d["attention"] = to_string(c.attention);
+  d["ffn"] = to_string(c.ffn);
+  d["qk_norm"] = c.qk_norm;
+  d["bias"] = c.bias;
+  d["rope"] = c.rope;
+  d["rope_base"] = c.rope_base;
+  d["spectral_rho"] = c.spectral_rho;
+  d["monotone_m"] = c.monotone_m;
+  d["ln_eps"] = c.ln_eps;
+  d["qk_eps"] = c.qk_eps;
+  d["attn_kernel"] = to_string(c.attn_kernel);
+  return d;
+}
+
+BlockConfig config_from_state(const py::dict& d) {
+  return eqprop::block::make_config(
+      d["d_model"].cast<int64_t>(), d["n_heads"].cast<int64_t>(), d["d_ff"].cast<int64_t>(),
+      d["coupling"].cast<std::string>(), d["attention"].cast<std::string>(), d["ffn"].cast<std::string>(),
+      d["qk_norm"].cast<bool>(), d["bias"].cast<bool>(), d["rope"].cast<bool>(), d["rope_base"].cast<double>(),
+      d["spectral_rho"].cast<std::optional<double>>(), d["monotone_m"].cast<double>(), d["ln_eps"].cast<double>(),
+      d["qk_eps"].cast<double>(), d["attn_kernel"].cast<std::string>());
+}
+
 }  // namespace
 
 static eqprop::Binder bind_block([](py::module_& m) {
@@ -35,8 +66,12 @@ static eqprop::Binder bind_block([](py::module_& m) {
       .def_property_readonly("config", &BlockField::config);
   m.def(
       "block_field",
-      [](const BlockConfig& cfg, std::vector<at::Tensor> params, std::vector<at::Tensor> sn_u, at::Tensor x) {
-        return std::make_shared<BlockField>(cfg, std::move(params), std::move(sn_u), std::move(x));
+      [](const BlockConfig& cfg, std::vector<at::Tensor> params, std::vector<at::Tensor> sn_u,
+         std::optional<at::Tensor> x) {
+        // relax(block, None) arrives here: say what x must be rather than a signature mismatch.
+        TORCH_CHECK_VALUE(x.has_value() && x->defined(), "x (the injection) must be a tensor [B, T, C] with C = ",
+                          cfg.d_model, " for the block's vector field, got None");
+        return std::make_shared<BlockField>(cfg, std::move(params), std::move(sn_u), std::move(*x));
       },
       py::arg("config"), py::arg("params"), py::arg("sn_u"), py::arg("x"),
       "The block with injection x [B, T, C] bound, as a VectorField for the engine (no Python in its loop).");
@@ -72,6 +107,11 @@ static eqprop::Binder bind_block([](py::module_& m) {
       .def_readonly("monotone_m", &BlockConfig::monotone_m)
       .def_readonly("ln_eps", &BlockConfig::ln_eps)
       .def_readonly("qk_eps", &BlockConfig::qk_eps)
+      .def(py::pickle(&config_state, &config_from_state))
+      .def("__eq__",
+           [](const BlockConfig& a, py::object b) {
+             return py::isinstance<BlockConfig>(b) && config_state(a).equal(config_state(py::cast<BlockConfig>(b)));
+           })
       .def("__repr__", [](const BlockConfig& c) {
         return c10::str("BlockConfig(d_model=", c.d_model, ", n_heads=", c.n_heads, ", d_ff=", c.d_ff,
                         ", coupling='", to_string(c.coupling), "', attention='", to_string(c.attention),
@@ -91,6 +131,21 @@ static eqprop::Binder bind_block([](py::module_& m) {
       },
       py::arg("config"),
       "[(name, shape, spectral)] of the raw parameters, in the order every block_* function takes them.");
+  m.def(
+      "block_param_table",
+      [] {
+        py::list out;
+        for (const auto& p : eqprop::block::param_table()) {
+          py::dict row;
+          row["name"] = p.name;
+          row["spectral"] = p.spectral;
+          row["init"] = to_string(p.init);
+          out.append(row);
+        }
+        return out;
+      },
+      "Every parameter a block may have: [{'name', 'spectral' (normalized when spectral_rho is set),\n"
+      "'init' ('one', 'zero', 'fan_in', 'fan_in_resinit', 'resinit', 'monotone')}], in order.");
   m.def("block_forward", &eqprop::block::forward, py::arg("config"), py::arg("params"), py::arg("sn_u"),
         py::arg("z"), py::arg("x"),
         "F(z; x) of the equilibrium block: z, x [B, T, C] real or complex -> [B, T, C] (autograd-capable).");

@@ -13,7 +13,7 @@
 #include "bindings/vector_field_binding.h"
 #include "diagnostics/diagnostics.h"
 #include "estimators/implicit.h"
-#include "solvers/autograd_field.h"
+#include "fields/autograd_field.h"
 #include "solvers/relax.h"
 
 namespace py = pybind11;
@@ -82,7 +82,7 @@ py::dict adjoint_dict(const solvers::AdjointResult& r) {
   return d;
 }
 
-py::dict estimate_dict(const diagnostics::Estimate& e) {
+py::dict probe_estimate_dict(const diagnostics::ProbeEstimate& e) {
   py::dict d;
   d["value"] = e.value;
   d["stderr"] = e.stderr_;
@@ -129,22 +129,9 @@ static Binder bind_engine([](py::module_& m) {
 
   m.def(
       "relax",
-      [](std::shared_ptr<VectorField> field, const at::Tensor& z0, int64_t max_steps, double eps, double tol,
-         const std::string& stop, const std::string& solver, int64_t anderson_m, double anderson_reg,
-         double divergence, bool trace, int64_t check_every, const std::string& cuda_graph, py::object drive) {
+      [](std::shared_ptr<VectorField> field, const at::Tensor& z0, const solvers::RelaxOptions& options,
+         py::object drive) {
         check_field(field);
-        solvers::RelaxOptions o;
-        o.max_steps = max_steps;
-        o.eps = eps;
-        o.tol = tol;
-        o.stop = solvers::parse_stop(stop);
-        o.method = solvers::parse_method(solver);
-        o.anderson_m = anderson_m;
-        o.anderson_reg = anderson_reg;
-        o.divergence = divergence;
-        o.trace = trace;
-        o.check_every = check_every;
-        o.cuda_graph = solvers::parse_cuda_graph(cuda_graph);
         solvers::Drive d;
         if (!drive.is_none()) {
           TORCH_CHECK_VALUE(PyCallable_Check(drive.ptr()), "drive must be callable as drive(z), got ",
@@ -164,7 +151,7 @@ static Binder bind_engine([](py::module_& m) {
         solvers::RelaxResult r;
         {
           py::gil_scoped_release nogil;
-          r = solvers::relax(*field, z0, o, d);
+          r = solvers::relax(*field, z0, options, d);
           d = nullptr;
         }
         py::dict out;
@@ -179,10 +166,8 @@ static Binder bind_engine([](py::module_& m) {
         out["cuda_graph"] = r.cuda_graph;
         return out;
       },
-      py::arg("field"), py::arg("z0"), py::arg("max_steps"), py::arg("eps"), py::arg("tol"), py::arg("stop"),
-      py::arg("solver"), py::arg("anderson_m"), py::arg("anderson_reg"), py::arg("divergence"),
-      py::arg("trace"), py::arg("check_every") = 1, py::arg("cuda_graph") = "auto", py::arg("drive") = py::none(),
-      "Relax to z* = F(z*) (DESIGN.md §4); drive(z) adds to F (nudged phases). Returns a dict of tensors.");
+      py::arg("field"), py::arg("z0"), py::arg("options"), py::arg("drive") = py::none(),
+      "Relax to z* = F(z*) (DESIGN.md §4) with RelaxOptions; drive(z) adds to F (nudged phases). Returns a dict.");
 
   m.def(
       "adjoint_solve",
@@ -250,7 +235,7 @@ static Binder bind_engine([](py::module_& m) {
           return dg::spectral_norm(*f, z, iters, seed);
         },
         py::arg("field"), py::arg("z"), py::arg("iters"), py::arg("seed"), gil_release());
-  using EstFn = dg::Estimate (*)(VectorField&, const at::Tensor&, int64_t, uint64_t, const std::string&);
+  using EstFn = dg::ProbeEstimate (*)(VectorField&, const at::Tensor&, int64_t, uint64_t, const std::string&);
   const std::pair<const char*, EstFn> estimators[] = {{"frobenius_sq", &dg::frobenius_sq},
                                                       {"nonnormality", &dg::nonnormality},
                                                       {"symmetric_fraction", &dg::symmetric_fraction}};
@@ -260,12 +245,12 @@ static Binder bind_engine([](py::module_& m) {
         [fn](std::shared_ptr<VectorField> f, const at::Tensor& z, int64_t probes, uint64_t seed,
              const std::string& dist) {
           check_field(f);
-          dg::Estimate e;
+          dg::ProbeEstimate e;
           {
             py::gil_scoped_release nogil;
             e = fn(*f, z, probes, seed, dist);
           }
-          return estimate_dict(e);
+          return probe_estimate_dict(e);
         },
         py::arg("field"), py::arg("z"), py::arg("probes"), py::arg("seed"), py::arg("dist"));
   }

@@ -118,16 +118,18 @@ Tensor rope_apply(const Tensor& a, const Rope& r) { return a * r.cos + rotate_ha
 // Rᵀ g: the rotation by −angle (cos and sin are equal on both halves, so sin commutes with the swap).
 Tensor rope_transpose(const Tensor& g, const Rope& r) { return g * r.cos - rotate_half(g) * r.sin; }
 
-// q or k of every head, before (a) and after (q) qk-norm and rope: a [B, H, T, d], q [B, H, T, d].
-struct Proj {
-  Tensor a, q;
+// The query or key projection of every head (the same code makes both): `linear` is u W^T + b
+// split into heads, before qk-norm and rope (the energy gradient pulls back through it); `vec` is
+// the vector the scores use, after qk-norm and rope. Both [B, H, T, d].
+struct HeadProj {
+  Tensor linear, vec;
 };
-Proj project(const BlockConfig& cfg, const Tensor& u, const Tensor& W, const Tensor& b,
-             const Tensor& g, const Rope* rope) {
-  Proj p;
-  p.a = split_heads(at::linear(u, W, b), cfg.n_heads);  // [B, T, C] -> [B, H, T, d]
-  p.q = cfg.qk_norm ? rms_norm(p.a, g, cfg.qk_eps) : p.a;
-  if (rope) p.q = rope_apply(p.q, *rope);
+HeadProj project(const BlockConfig& cfg, const Tensor& u, const Tensor& W, const Tensor& b,
+                 const Tensor& g, const Rope* rope) {
+  HeadProj p;
+  p.linear = split_heads(at::linear(u, W, b), cfg.n_heads);  // [B, T, C] -> [B, H, T, d]
+  p.vec = cfg.qk_norm ? rms_norm(p.linear, g, cfg.qk_eps) : p.linear;
+  if (rope) p.vec = rope_apply(p.vec, *rope);
   return p;
 }
 
@@ -148,8 +150,8 @@ Tensor softmax_attention(const BlockConfig& cfg, const Weights& w, const Tensor&
     k = finish(qkv[1], w.k_norm);
     v = split_heads(qkv[2], cfg.n_heads);
   } else {
-    q = project(cfg, u, w.wq, w.bq, w.q_norm, rp).q;
-    k = project(cfg, u, w.wk, w.bk, w.k_norm, rp).q;
+    q = project(cfg, u, w.wq, w.bq, w.q_norm, rp).vec;
+    k = project(cfg, u, w.wk, w.bk, w.k_norm, rp).vec;
     v = split_heads(at::linear(u, w.wv, w.bv), cfg.n_heads);
   }
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
@@ -174,20 +176,20 @@ Tensor energy_attention(const BlockConfig& cfg, const Weights& w, const Tensor& 
   Rope rope;
   if (cfg.rope) rope = rope_tables(T, d, cfg.rope_base, u);
   const Rope* rp = cfg.rope ? &rope : nullptr;
-  Proj q = project(cfg, u, w.wq, w.bq, w.q_norm, rp);
-  Proj k = project(cfg, u, w.wk, w.bk, w.k_norm, rp);
+  HeadProj q = project(cfg, u, w.wq, w.bq, w.q_norm, rp);
+  HeadProj k = project(cfg, u, w.wk, w.bk, w.k_norm, rp);
   const double beta = 1.0 / std::sqrt(static_cast<double>(d));
-  Tensor P = causal_softmax(at::matmul(q.q, k.q.transpose(-1, -2)) * beta, causal_mask(T, u.device()));
+  Tensor P = causal_softmax(at::matmul(q.vec, k.vec.transpose(-1, -2)) * beta, causal_mask(T, u.device()));
   Tensor gamma = w.energy_gain.view({1, -1, 1, 1});                    // [1, H, 1, 1]
-  Tensor gq = gamma * at::matmul(P, k.q);                               // [B, H, T, d]
-  Tensor gk = gamma * at::matmul(P.transpose(-1, -2), q.q);             // [B, H, T, d]
+  Tensor gq = gamma * at::matmul(P, k.vec);                             // [B, H, T, d]
+  Tensor gk = gamma * at::matmul(P.transpose(-1, -2), q.vec);           // [B, H, T, d]
   if (rp) {
     gq = rope_transpose(gq, rope);
     gk = rope_transpose(gk, rope);
   }
   if (cfg.qk_norm) {
-    gq = rms_norm_transpose(q.a, w.q_norm, cfg.qk_eps, gq);
-    gk = rms_norm_transpose(k.a, w.k_norm, cfg.qk_eps, gk);
+    gq = rms_norm_transpose(q.linear, w.q_norm, cfg.qk_eps, gq);
+    gk = rms_norm_transpose(k.linear, w.k_norm, cfg.qk_eps, gk);
   }
   // [B, T, C] @ [C, C]: the transpose of u ↦ u Wᵀ
   return at::matmul(merge_heads(gq), w.wq) + at::matmul(merge_heads(gk), w.wk);
@@ -260,46 +262,75 @@ BlockConfig make_config(int64_t d_model, int64_t n_heads, int64_t d_ff, const st
   return c;
 }
 
+const std::vector<ParamInfo>& param_table() {
+  using S = ParamShape;
+  using I = ParamInit;
+  static const std::vector<ParamInfo> table = {
+      {"ln1_weight", kAlways, S::kC, false, &Weights::ln1_w, I::kOne},
+      {"ln1_bias", kBias, S::kC, false, &Weights::ln1_b, I::kZero},
+      {"q_weight", kAlways, S::kCxC, true, &Weights::wq, I::kFanIn},
+      {"k_weight", kAlways, S::kCxC, true, &Weights::wk, I::kFanIn},
+      {"v_weight", kSoftmax, S::kCxC, true, &Weights::wv, I::kFanIn},
+      {"o_weight", kSoftmax, S::kCxC, true, &Weights::wo, I::kFanInResinit},
+      {"q_bias", kBias, S::kC, false, &Weights::bq, I::kZero},
+      {"k_bias", kBias, S::kC, false, &Weights::bk, I::kZero},
+      {"v_bias", kSoftmax | kBias, S::kC, false, &Weights::bv, I::kZero},
+      {"o_bias", kSoftmax | kBias, S::kC, false, &Weights::bo, I::kZero},
+      {"q_norm_weight", kQkNorm, S::kHeadDim, false, &Weights::q_norm, I::kOne},
+      {"k_norm_weight", kQkNorm, S::kHeadDim, false, &Weights::k_norm, I::kOne},
+      {"energy_gain", kEnergy, S::kHeads, false, &Weights::energy_gain, I::kResinit},
+      {"ln2_weight", kAlways, S::kC, false, &Weights::ln2_w, I::kOne},
+      {"ln2_bias", kBias, S::kC, false, &Weights::ln2_b, I::kZero},
+      {"ffn_in_weight", kMlp, S::kDxC, true, &Weights::w1, I::kFanIn},
+      {"ffn_out_weight", kMlp, S::kCxD, true, &Weights::w2, I::kFanInResinit},
+      {"ffn_in_bias", kMlp | kBias, S::kD, false, &Weights::b1, I::kZero},
+      {"ffn_out_bias", kMlp | kBias, S::kC, false, &Weights::b2, I::kZero},
+      {"mono_A", kMonotone, S::kCxC, false, nullptr, I::kMonotone},
+      {"mono_B", kMonotone, S::kCxC, false, nullptr, I::kMonotone},
+      {"mono_bias", kMonotone | kBias, S::kC, false, &Weights::b_mono, I::kZero},
+  };
+  return table;
+}
+
+std::string to_string(ParamInit i) {
+  switch (i) {
+    case ParamInit::kOne: return "one";
+    case ParamInit::kZero: return "zero";
+    case ParamInit::kFanIn: return "fan_in";
+    case ParamInit::kFanInResinit: return "fan_in_resinit";
+    case ParamInit::kResinit: return "resinit";
+    case ParamInit::kMonotone: return "monotone";
+  }
+  return "?";
+}
+
+namespace {
+bool holds(unsigned needs, const BlockConfig& cfg) {
+  const bool energy = cfg.attention == Attention::kEnergy;
+  return (!(needs & kBias) || cfg.bias) && (!(needs & kSoftmax) || !energy) && (!(needs & kEnergy) || energy) &&
+         (!(needs & kQkNorm) || cfg.qk_norm) && (!(needs & kMlp) || cfg.ffn == Ffn::kMlp) &&
+         (!(needs & kMonotone) || cfg.ffn == Ffn::kMonotone);
+}
+std::vector<int64_t> shape_of(ParamShape s, const BlockConfig& cfg) {
+  const int64_t C = cfg.d_model, D = cfg.d_ff;
+  switch (s) {
+    case ParamShape::kC: return {C};
+    case ParamShape::kCxC: return {C, C};
+    case ParamShape::kHeadDim: return {cfg.head_dim()};
+    case ParamShape::kHeads: return {cfg.n_heads};
+    case ParamShape::kDxC: return {D, C};
+    case ParamShape::kCxD: return {C, D};
+    case ParamShape::kD: return {D};
+  }
+  return {};
+}
+}  // namespace
+
 std::vector<ParamSpec> param_specs(const BlockConfig& cfg) {
-  const int64_t C = cfg.d_model, d = cfg.head_dim(), H = cfg.n_heads, D = cfg.d_ff;
   const bool sn = cfg.spectral_rho.has_value();
   std::vector<ParamSpec> s;
-  s.push_back({"ln1_weight", {C}, false});
-  if (cfg.bias) s.push_back({"ln1_bias", {C}, false});
-  const bool energy = cfg.attention == Attention::kEnergy;
-  s.push_back({"q_weight", {C, C}, sn});
-  s.push_back({"k_weight", {C, C}, sn});
-  if (!energy) {
-    s.push_back({"v_weight", {C, C}, sn});
-    s.push_back({"o_weight", {C, C}, sn});
-  }
-  if (cfg.bias) {
-    s.push_back({"q_bias", {C}, false});
-    s.push_back({"k_bias", {C}, false});
-    if (!energy) {
-      s.push_back({"v_bias", {C}, false});
-      s.push_back({"o_bias", {C}, false});
-    }
-  }
-  if (cfg.qk_norm) {
-    s.push_back({"q_norm_weight", {d}, false});
-    s.push_back({"k_norm_weight", {d}, false});
-  }
-  if (energy) s.push_back({"energy_gain", {H}, false});
-  s.push_back({"ln2_weight", {C}, false});
-  if (cfg.bias) s.push_back({"ln2_bias", {C}, false});
-  if (cfg.ffn == Ffn::kMlp) {
-    s.push_back({"ffn_in_weight", {D, C}, sn});
-    s.push_back({"ffn_out_weight", {C, D}, sn});
-    if (cfg.bias) {
-      s.push_back({"ffn_in_bias", {D}, false});
-      s.push_back({"ffn_out_bias", {C}, false});
-    }
-  } else {
-    s.push_back({"mono_A", {C, C}, false});
-    s.push_back({"mono_B", {C, C}, false});
-    if (cfg.bias) s.push_back({"mono_bias", {C}, false});
-  }
+  for (const auto& p : param_table())
+    if (holds(p.needs, cfg)) s.push_back({p.name, shape_of(p.shape, cfg), sn && p.spectral});
   return s;
 }
 
@@ -357,27 +388,11 @@ Weights effective_weights(const BlockConfig& cfg, const std::vector<at::Tensor>&
     }
     p[specs[i].name] = t;
   }
-  auto get = [&](const char* name) { auto it = p.find(name); return it == p.end() ? Tensor() : it->second; };
   Weights w;
-  w.ln1_w = get("ln1_weight");
-  w.ln1_b = get("ln1_bias");
-  w.ln2_w = get("ln2_weight");
-  w.ln2_b = get("ln2_bias");
-  w.wq = get("q_weight");
-  w.wk = get("k_weight");
-  w.wv = get("v_weight");
-  w.wo = get("o_weight");
-  w.bq = get("q_bias");
-  w.bk = get("k_bias");
-  w.bv = get("v_bias");
-  w.bo = get("o_bias");
-  w.q_norm = get("q_norm_weight");
-  w.k_norm = get("k_norm_weight");
-  w.energy_gain = get("energy_gain");
-  w.w1 = get("ffn_in_weight");
-  w.b1 = get("ffn_in_bias");
-  w.w2 = get("ffn_out_weight");
-  w.b2 = get("ffn_out_bias");
+  for (const auto& info : param_table()) {
+    auto it = p.find(info.name);
+    if (info.weight && it != p.end()) w.*(info.weight) = it->second;
+  }
   if (cfg.ffn == Ffn::kMonotone) {
     // W = (1−m)I − AᵀA + B − Bᵀ scaled by c = min(1, cap/β), β ≥ ‖W‖₂ (block.h).
     const Tensor& A = p["mono_A"];
@@ -388,7 +403,6 @@ Weights effective_weights(const BlockConfig& cfg, const std::vector<at::Tensor>&
     Tensor bound = at::clamp_min(A.square().sum() - (1.0 - m), 1.0 - m) + at::linalg_vector_norm(K);
     const double cap = cfg.spectral_rho ? std::min(1.0 - m, *cfg.spectral_rho) : 1.0 - m;
     w.w_mono = W * at::clamp_max(cap / bound, 1.0);
-    w.b_mono = get("mono_bias");
   }
   return w;
 }
@@ -410,16 +424,11 @@ void Weights::fuse_qkv() {
 }
 
 std::vector<std::pair<std::string, at::Tensor>> Weights::named() const {
-  std::vector<std::pair<std::string, Tensor>> all = {
-      {"ln1_weight", ln1_w}, {"ln1_bias", ln1_b}, {"q_weight", wq}, {"k_weight", wk},
-      {"v_weight", wv}, {"o_weight", wo}, {"q_bias", bq}, {"k_bias", bk}, {"v_bias", bv},
-      {"o_bias", bo}, {"q_norm_weight", q_norm}, {"k_norm_weight", k_norm},
-      {"energy_gain", energy_gain}, {"ln2_weight", ln2_w}, {"ln2_bias", ln2_b},
-      {"ffn_in_weight", w1}, {"ffn_in_bias", b1}, {"ffn_out_weight", w2}, {"ffn_out_bias", b2},
-      {"mono_W", w_mono}, {"mono_bias", b_mono}};
   std::vector<std::pair<std::string, Tensor>> out;
-  for (auto& kv : all)
-    if (kv.second.defined()) out.push_back(kv);
+  for (const auto& info : param_table()) {
+    if (info.weight && (this->*(info.weight)).defined()) out.emplace_back(info.name, this->*(info.weight));
+  }
+  if (w_mono.defined()) out.emplace_back("mono_W", w_mono);
   return out;
 }
 
@@ -463,8 +472,8 @@ at::Tensor energy(const BlockConfig& cfg, const Weights& w, const at::Tensor& u)
   Rope rope;
   if (cfg.rope) rope = rope_tables(T, d, cfg.rope_base, u);
   const Rope* rp = cfg.rope ? &rope : nullptr;
-  Tensor q = project(cfg, u, w.wq, w.bq, w.q_norm, rp).q;
-  Tensor k = project(cfg, u, w.wk, w.bk, w.k_norm, rp).q;
+  Tensor q = project(cfg, u, w.wq, w.bq, w.q_norm, rp).vec;
+  Tensor k = project(cfg, u, w.wk, w.bk, w.k_norm, rp).vec;
   const double beta = 1.0 / std::sqrt(static_cast<double>(d));
   Tensor lse = causal_logsumexp(at::matmul(q, k.transpose(-1, -2)) * beta, causal_mask(T, u.device()));
   // [B, H, T] -> [B]
@@ -517,67 +526,6 @@ at::Tensor forward(const BlockConfig& cfg, const std::vector<at::Tensor>& params
   Weights w = effective_weights(cfg, params, sn_u);
   if (z.is_complex()) w = w.to(z.scalar_type());
   return apply(cfg, w, z, x);
-}
-
-}  // namespace eqprop::block
-
-// ---- BlockField ---------------------------------------------------------------------------------
-
-namespace eqprop::block {
-
-BlockField::BlockField(BlockConfig cfg, std::vector<at::Tensor> params, std::vector<at::Tensor> sn_u,
-                       at::Tensor x)
-    : cfg_(std::move(cfg)), params_(std::move(params)), sn_u_(std::move(sn_u)), x_(std::move(x)) {
-  check_params(cfg_, params_, sn_u_);
-  TORCH_CHECK_VALUE(x_.defined(), "x must be a tensor, got None");
-  TORCH_CHECK_VALUE(x_.dim() == 3 && x_.size(2) == cfg_.d_model, "x must be [B, T, C] with C = d_model = ",
-                    cfg_.d_model, ", got shape ", x_.sizes());
-  check_inputs(cfg_, params_, x_, x_, /*check_x_finite=*/true);
-}
-
-std::vector<std::string> BlockField::parameter_names() {
-  std::vector<std::string> names;
-  for (const auto& s : param_specs(cfg_)) names.push_back(s.name);
-  return names;
-}
-
-std::vector<int64_t> BlockField::versions() const {
-  std::vector<int64_t> v;
-  for (const auto& t : params_) v.push_back(t._version());
-  for (const auto& t : sn_u_) v.push_back(t._version());
-  return v;
-}
-
-Weights BlockField::cached_weights() {
-  std::lock_guard<std::mutex> lock(cache_mutex_);
-  auto now = versions();
-  if (!cache_.ln1_w.defined() || now != cache_versions_) {
-    at::NoGradGuard no_grad;
-    cache_ = effective_weights(cfg_, params_, sn_u_);
-    if (x_.is_complex()) cache_ = cache_.to(x_.scalar_type());
-    cache_.fuse_qkv();
-    cache_versions_ = std::move(now);
-  }
-  return cache_;
-}
-
-std::shared_ptr<void> BlockField::prepare_capture() {
-  const at::NoGradGuard no_grad;
-  return std::make_shared<Weights>(cached_weights());
-}
-
-at::Tensor BlockField::eval(const at::Tensor& z) {
-  TORCH_CHECK_VALUE(z.defined(), "z must be a tensor, got None");
-  TORCH_CHECK_VALUE(z.sizes() == x_.sizes(), "z must have the shape of the bound x ", x_.sizes(), ", got ",
-                    z.sizes());
-  TORCH_CHECK_VALUE(z.scalar_type() == x_.scalar_type(), "z must have the dtype of the bound x (",
-                    x_.scalar_type(), "), got ", z.scalar_type());
-  TORCH_CHECK_VALUE(z.device() == x_.device(), "z must be on the device of the bound x (", x_.device(),
-                    "), got ", z.device());
-  if (!at::GradMode::is_enabled()) return apply(cfg_, cached_weights(), z, x_);
-  Weights w = effective_weights(cfg_, params_, sn_u_);
-  if (z.is_complex()) w = w.to(z.scalar_type());
-  return apply(cfg_, w, z, x_);
 }
 
 }  // namespace eqprop::block

@@ -17,12 +17,10 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include "solvers/autograd_field.h"
 
 namespace eqprop::block {
 
@@ -65,14 +63,52 @@ std::string to_string(Attention a);
 std::string to_string(Ffn f);
 std::string to_string(AttnKernel k);
 
-// One raw parameter: its name (also the nn.Parameter name on the Python side), shape, and whether
-// it is spectrally normalized (then it has a power-iteration vector u of shape [shape[0]]).
+struct Weights;
+
+// ---- the parameter table: the one list of the block's parameter names --------------------------
+//
+// Every raw parameter a block may have, in order: its name (also the nn.Parameter name in Python,
+// the key of the plain reference eqprop.reference.block, and the state_dict key), which options
+// it needs, its shape, whether spectral_rho normalizes it, the Weights member the effective weight
+// lands in, and how EquilibriumBlock.reset_parameters starts it. param_specs, effective_weights,
+// Weights::named, the Python init rule and the reference's list of spectral weights all read it.
+
+// Options a parameter needs (bit mask; all must hold).
+enum Needs : unsigned {
+  kAlways = 0,
+  kBias = 1,       // bias=True
+  kSoftmax = 2,    // attention="softmax" (value and output projections)
+  kEnergy = 4,     // attention="energy"
+  kQkNorm = 8,     // qk_norm=True
+  kMlp = 16,       // ffn="mlp"
+  kMonotone = 32,  // ffn="monotone"
+};
+// Shape in terms of C = d_model, d = head_dim, H = n_heads, D = d_ff.
+enum class ParamShape { kC, kCxC, kHeadDim, kHeads, kDxC, kCxD, kD };
+// The initial value (DESIGN.md §4): one; zero; N(0, 1/fan_in); N(0, 1/fan_in) times resinit (the
+// output projections); the constant resinit (the energy gain); N(0, 1/C²) (monotone A, B).
+enum class ParamInit { kOne, kZero, kFanIn, kFanInResinit, kResinit, kMonotone };
+
+struct ParamInfo {
+  const char* name;
+  unsigned needs;
+  ParamShape shape;
+  bool spectral;             // normalized when spectral_rho is set
+  at::Tensor Weights::*weight;  // its effective weight in Weights (nullptr: enters through W̃ only)
+  ParamInit init;
+};
+const std::vector<ParamInfo>& param_table();
+std::string to_string(ParamInit i);  // "one", "zero", "fan_in", "fan_in_resinit", "resinit", "monotone"
+
+// One raw parameter of a config: its name, shape, and whether it is spectrally normalized (then it
+// has a power-iteration vector u of shape [shape[0]]).
 struct ParamSpec {
   std::string name;
   std::vector<int64_t> shape;
   bool spectral;
 };
-// The raw parameters of a config, in the order every function below takes them.
+// The raw parameters of a config (param_table rows whose options hold), in the order every
+// function below takes them.
 std::vector<ParamSpec> param_specs(const BlockConfig& cfg);
 
 // Checks the parameter list against param_specs (count, shapes, dtype, device) and the spectral
@@ -125,46 +161,5 @@ void check_inputs(const BlockConfig& cfg, const std::vector<at::Tensor>& params,
 // The public entry: checks, effective weights, F(z; x).
 at::Tensor forward(const BlockConfig& cfg, const std::vector<at::Tensor>& params,
                    const std::vector<at::Tensor>& sn_u, const at::Tensor& z, const at::Tensor& x);
-
-}  // namespace eqprop::block
-
-// ---- the block as a native vector field ---------------------------------------------------------
-
-namespace eqprop::block {
-
-// F(·; x) of the block with x bound, for the engine (solvers, estimators, diagnostics): products
-// come from autograd through eval() (AutogradField: double-VJP JVPs, plain-transpose rule for
-// complex). parameters() are the raw parameters, so param_vjp includes the spectral / monotone
-// reparameterizations. With autograd off (the relaxation loop), eval uses effective weights
-// cached off the graph and recomputed when a parameter's or sn_u's version counter moves.
-class BlockField : public eqprop::AutogradField {
- public:
-  // Checks config, parameters and x ([B, T, C], finite) once, here.
-  BlockField(BlockConfig cfg, std::vector<at::Tensor> params, std::vector<at::Tensor> sn_u, at::Tensor x);
-  at::Tensor eval(const at::Tensor& z) override;
-  std::vector<at::Tensor> parameters() override { return params_; }
-  std::vector<std::string> parameter_names() override;
-  // With autograd off, eval is ATen kernels on z, x and the cached weights (built by
-  // prepare_capture, before any capture): no syncs, no host copies.
-  bool cuda_graph_safe() const override { return true; }
-  // Builds the weight cache and holds that snapshot: a captured eval reads its addresses.
-  std::shared_ptr<void> prepare_capture() override;
-  const at::Tensor& x() const { return x_; }
-  const BlockConfig& config() const { return cfg_; }
-
- private:
-  // A snapshot of the effective weights, rebuilt when a parameter's version counter moves. Returned
-  // by value (tensor handles) under a lock: engine calls release the GIL, so one field may be
-  // evaluated from several threads.
-  Weights cached_weights();
-  std::vector<int64_t> versions() const;
-
-  BlockConfig cfg_;
-  std::vector<at::Tensor> params_, sn_u_;
-  at::Tensor x_;
-  std::mutex cache_mutex_;
-  Weights cache_;
-  std::vector<int64_t> cache_versions_;
-};
 
 }  // namespace eqprop::block

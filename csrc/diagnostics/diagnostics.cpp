@@ -143,7 +143,7 @@ std::pair<at::Tensor, at::Tensor> spectral_norm(VectorField& f, const at::Tensor
   return {s[iters - 1], s};
 }
 
-Estimate frobenius_sq(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
+ProbeEstimate frobenius_sq(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
                       const std::string& dist) {
   check_point(f, z);
   check_count("probes", probes);
@@ -177,7 +177,7 @@ Moments probe_pairs(VectorField& f, const at::Tensor& z, int64_t probes, uint64_
   return moments(a, b);
 }
 
-Estimate nonnormality(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
+ProbeEstimate nonnormality(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
                       const std::string& dist) {
   const Moments m = probe_pairs(f, z, probes, seed, dist, [](const at::Tensor& jv, const at::Tensor& jtv) {
     return std::pair<double, double>{sum_sq(jv - jtv), sum_sq(jv)};
@@ -190,7 +190,7 @@ Estimate nonnormality(VectorField& f, const at::Tensor& z, int64_t probes, uint6
   return {r, se, probes};
 }
 
-Estimate symmetric_fraction(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
+ProbeEstimate symmetric_fraction(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
                             const std::string& dist) {
   const Moments m = probe_pairs(f, z, probes, seed, dist, [](const at::Tensor& jv, const at::Tensor& jtv) {
     return std::pair<double, double>{0.25 * sum_sq(jv + jtv),   // ‖J_s v‖²

@@ -10,11 +10,12 @@
 #include <cstdint>
 #include <string>
 
-#include "solvers/vector_field.h"
+#include "fields/vector_field.h"
 
 namespace eqprop::diagnostics {
 
-struct Estimate {
+// A Monte-Carlo estimate over random probes (not the gradient estimate of eqprop.estimators).
+struct ProbeEstimate {
   double value = 0.0;
   double stderr_ = 0.0;  // standard error of `value` over the probes (delta method for ratios)
   int64_t probes = 0;
@@ -35,15 +36,15 @@ std::pair<at::Tensor, at::Tensor> spectral_norm(VectorField& f, const at::Tensor
                                                 uint64_t seed);
 
 // ‖J‖²_F / numel(z) by Hutchinson: E‖vᵀJ‖² over probes v (DESIGN.md §6).
-Estimate frobenius_sq(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
+ProbeEstimate frobenius_sq(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
                       const std::string& dist);
 
 // sqrt(Σ‖Jv − Jᵀv‖² / Σ‖Jv‖²) over probes → ‖J − Jᵀ‖_F / ‖J‖_F (DESIGN.md §7).
-Estimate nonnormality(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
+ProbeEstimate nonnormality(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
                       const std::string& dist);
 
 // ‖J_s‖_F / (‖J_s‖_F + ‖J_a‖_F), J_s = ½(J + Jᵀ), J_a = ½(J − Jᵀ), norms by Hutchinson.
-Estimate symmetric_fraction(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
+ProbeEstimate symmetric_fraction(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
                             const std::string& dist);
 
 // jr · mean over probes of ‖vᵀJ‖² / numel(z), on the autograd graph (differentiable in θ).

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "solvers/relax.h"
-#include "solvers/vector_field.h"
+#include "fields/vector_field.h"
 
 namespace eqprop::estimators {
 

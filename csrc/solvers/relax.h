@@ -11,7 +11,7 @@
 #include <string>
 #include <tuple>
 
-#include "solvers/vector_field.h"
+#include "fields/vector_field.h"
 
 namespace eqprop::solvers {
 
@@ -22,6 +22,9 @@ enum class Status : int8_t { converged = 0, max_steps = 1, diverged = 2 };
 // Replay the relaxation step as a CUDA graph: auto = when it can (CUDA state, Picard, no drive,
 // a field that declares itself capturable); on = demand it (an error says why it cannot).
 enum class CudaGraph { off, on, automatic };
+// What the caller does when a sample ends above tolerance (status max_steps or diverged). The
+// engine only reports per-sample status; the policy is applied by its caller (eqprop.solvers).
+enum class OnNonconvergence { warn, raise, ignore };
 
 struct RelaxOptions {
   int64_t max_steps = 100;   // F evaluations at most
@@ -34,18 +37,32 @@ struct RelaxOptions {
   double divergence = 1e4;   // diverged: residual non-finite or > divergence × the first residual
   bool trace = true;         // keep the residual trace [T, B]
   // The host asks "has every sample stopped?" (one device sync) after every `check_every` steps
-  // (a CUDA graph holds min(check_every, 32) steps, and the host asks after each replay). Larger values save syncs and launches and may evaluate up
-  // to check_every − 1 batched steps after the last sample stopped (counted in n_evals; they
-  // change nothing: stopped samples are frozen).
+  // (a CUDA graph holds min(check_every, 32) steps, and the host asks after each replay). Larger
+  // values save syncs and launches and may evaluate up to check_every − 1 batched steps after the
+  // last sample stopped (counted in n_evals; they change nothing: stopped samples are frozen).
   int64_t check_every = 1;
   CudaGraph cuda_graph = CudaGraph::automatic;
+  OnNonconvergence on_nonconvergence = OnNonconvergence::warn;
 };
 
 // Parse "rel"/"abs" and "picard"/"anderson", naming the argument and the valid values on error.
 Stop parse_stop(const std::string& s);
 Method parse_method(const std::string& s);
 CudaGraph parse_cuda_graph(const std::string& s);  // "auto" / "on" / "off"
+OnNonconvergence parse_on_nonconvergence(const std::string& s);  // "warn" / "raise" / "ignore"
+std::string to_string(Stop s);
+std::string to_string(Method m);
+std::string to_string(OnNonconvergence o);
+// Every numeric option in range (ValueError naming the option, its value and what it needs).
 void check_options(const RelaxOptions& opt);
+
+// The interrupt hook: called at every host check of the loops (after each group of check_every
+// steps, or each graph replay; the adjoint solve and nudged phases run the same loop). A hook
+// that throws stops the relaxation with its exception. The Python bindings install one that
+// raises KeyboardInterrupt when Ctrl-C is pending; the engine itself knows nothing of Python.
+// Empty: none (the default).
+void set_interrupt_check(std::function<void()> fn);
+void check_interrupt();
 
 // An additive drive d(z) turns the relaxation into dz/dt = F(z) + d(z) − z: the nudged phase of
 // EP is d(z) = −β ∂ℓ/∂z + c(z) (DESIGN.md §5), complex β included. Empty: the free phase.

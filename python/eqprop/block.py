@@ -130,19 +130,23 @@ class EquilibriumBlock(nn.Module):
         projections (``o_weight``, ``ffn_out_weight``) and the energy gain scaled by ``resinit``,
         monotone A, B ~ N(0, 1/C²); power iteration run to convergence (50 steps)."""
         C = self.config.d_model
+        init = {row["name"]: row["init"] for row in _C.block_param_table()}  # the C++ parameter table
         for name, shape, spectral in self._specs:
             p = getattr(self, name)
-            if name.endswith("_bias"):
+            rule = init[name]
+            if rule == "zero":
                 p.zero_()
-            elif name.startswith(("ln", "q_norm", "k_norm")):
+            elif rule == "one":
                 p.fill_(1.0)
-            elif name == "energy_gain":
+            elif rule == "resinit":
                 p.fill_(self.resinit)
-            elif name.startswith("mono_"):
+            elif rule == "monotone":
                 p.normal_(0.0, 1.0 / C)
-            else:
-                scale = self.resinit if name in ("o_weight", "ffn_out_weight") else 1.0
+            elif rule in ("fan_in", "fan_in_resinit"):
+                scale = self.resinit if rule == "fan_in_resinit" else 1.0
                 p.normal_(0.0, scale / math.sqrt(shape[1]))
+            else:
+                raise NotImplementedError(f"no init rule {rule!r} (parameter {name})")
             if spectral:
                 u = getattr(self, f"{name}_sn_u")
                 u.normal_()

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import _C
-from .solvers import (RelaxOptions, _adjoint_unconverged, _backward_options, _check_options, _forward_unconverged,
+from .solvers import (RelaxOptions, _adjoint_unconverged, _backward_options, _forward_unconverged,
                       _initial_state, _int_option, _relax, _report, _warn_unreachable_tol, as_field)
 
 __all__ = ["Estimate", "Implicit", "BPTT"]
@@ -101,7 +101,7 @@ class Implicit:
 
     def __init__(self, *, backward_max_steps: Optional[int] = None, backward_tol: Optional[float] = None,
                  backward_solver: str = "picard", backward_anderson_m: int = 5, **relax_options):
-        self.relax_options = _check_options(RelaxOptions.from_kwargs("Implicit", relax_options))
+        self.relax_options = RelaxOptions.from_kwargs("Implicit", relax_options)
         self.backward = _backward_options(backward_max_steps, backward_tol, backward_solver,
                                           backward_anderson_m, self.relax_options)
 
@@ -143,7 +143,7 @@ class BPTT:
         if _int_option("horizon", horizon) < 1:
             raise ValueError(f"horizon must be an int >= 1, got {horizon!r}")
         self.horizon = int(horizon)
-        self.relax_options = _check_options(RelaxOptions.from_kwargs("BPTT", relax_options))
+        self.relax_options = RelaxOptions.from_kwargs("BPTT", relax_options)
 
     def grad(self, f: Any, x: Optional[torch.Tensor], loss_fn: Callable, *,
              z0: Optional[torch.Tensor] = None) -> Estimate:

@@ -21,7 +21,6 @@ about before the loop starts.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import operator
 import warnings
@@ -68,54 +67,23 @@ class NonConvergenceError(ArithmeticError):
         self.info = info
 
 
-@dataclass
-class RelaxOptions:
-    """Options of :func:`relax` (the free phase). Unknown keys are rejected by :meth:`from_kwargs`.
-
-    ``eps`` is the damping of ``z <- z + eps (F(z) - z)`` (and Anderson's mixing beta);
-    ``stop="rel"`` stops a sample at ``||F(z) - z|| / ||F(z)|| <= tol``, ``"abs"`` at
-    ``||F(z) - z|| <= tol``; a sample is *diverged* when its residual is non-finite or exceeds
-    ``divergence`` times its first residual.
-
-    ``check_every``: the host checks whether every sample has stopped (one device sync) after
-    every that many steps; larger values save syncs (and, with a CUDA graph, launches) at the cost
-    of up to ``check_every - 1`` batched steps after the last sample stopped, counted in
-    ``n_evals`` (per-sample results do not change: stopped samples are frozen).
-    ``cuda_graph``: replay the step as a CUDA graph — None (auto) does when the state is on CUDA,
-    the solver is Picard, there is no ``drive`` and the field is a native block field; True
-    demands it (ValueError saying why not); False never.
-
-    ``on_nonconvergence``: what to do when a sample ends above ``tol`` (status ``max_steps`` or
-    ``diverged``), in the relaxation or in the implicit backward's adjoint solve: ``"warn"``
-    (default) issues one :class:`NonConvergenceWarning` per call with the count of samples and
-    the worst residual; ``"raise"`` raises :class:`NonConvergenceError`; ``"ignore"`` says
-    nothing. The per-sample outcome is in the returned info either way. ``tol=0`` asks for
-    exactly ``max_steps`` steps, so ending there is not reported (divergence still is). A ``tol``
-    that the state's dtype cannot resolve (``stop="rel"``, ``tol < finfo(dtype).eps``, e.g. the
-    default 1e-4 in bfloat16 or float16) is warned about at the start under ``"warn"`` and
-    ``"raise"``; see :func:`min_rel_tol`.
-    """
-
-    max_steps: int = 100
-    eps: float = 1.0
-    tol: float = 1e-4
-    stop: str = "rel"
-    solver: str = "picard"
-    anderson_m: int = 5
-    anderson_reg: float = 1e-8
-    divergence: float = 1e4
-    trace: bool = True
-    check_every: int = 1
-    cuda_graph: Optional[bool] = None
-    on_nonconvergence: str = "warn"
-
-    @classmethod
-    def from_kwargs(cls, where: str, kwargs: dict) -> "RelaxOptions":
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(kwargs) - set(valid))
-        if unknown:
-            raise TypeError(f"{where}: unknown relaxation option(s) {unknown}; valid options are {valid}")
-        return cls(**kwargs)
+#: The relaxation options: one class, defined and checked in C++ (``csrc/solvers/relax.h``,
+#: ``csrc/bindings/relax_options.cpp``). ``RelaxOptions(max_steps=50, tol=1e-6)``; unknown keys and
+#: wrong types raise TypeError (listing the valid keys), values out of range ValueError;
+#: ``RelaxOptions.from_kwargs(where, kwargs)`` does the same with errors prefixed by ``where``;
+#: ``opts.replace(**changes)``, ``opts.to_dict()``, ``RelaxOptions.fields()``. It pickles.
+#:
+#: ``eps`` is the damping of ``z <- z + eps (F(z) - z)`` (and Anderson's mixing beta);
+#: ``stop="rel"`` stops a sample at ``||F(z) - z|| / ||F(z)|| <= tol``, ``"abs"`` at
+#: ``||F(z) - z|| <= tol``; a sample is *diverged* when its residual is non-finite or exceeds
+#: ``divergence`` times its first residual. ``check_every``: the host checks whether every sample
+#: has stopped (one device sync) after every that many steps; larger values save syncs (and, with
+#: a CUDA graph, launches) at the cost of up to ``check_every - 1`` batched steps after the last
+#: sample stopped, counted in ``n_evals``. ``cuda_graph``: replay the step as a CUDA graph — None
+#: (auto) does when the state is on CUDA, the solver is Picard, there is no ``drive`` and the field
+#: is a native block field; True demands it (ValueError saying why not); False never.
+#: ``on_nonconvergence``: "warn", "raise" or "ignore" when a sample ends above tolerance.
+RelaxOptions = _C.RelaxOptions
 
 
 @dataclass
@@ -236,24 +204,6 @@ def _int_option(name: str, v) -> int:
     raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
 
 
-def _check_options(opts: RelaxOptions) -> RelaxOptions:
-    """The checks of the options that the C++ core does not make: int options are ints (the
-    binding would truncate 2.5 to 2) and ``on_nonconvergence`` is one of ``ON_NONCONVERGENCE``.
-    Ranges and the other options are checked once, in C++."""
-    for name in ("max_steps", "anderson_m", "check_every"):
-        setattr(opts, name, _int_option(name, getattr(opts, name)))
-    _nonconvergence_mode(opts.on_nonconvergence)
-    return opts
-
-
-def _nonconvergence_mode(v) -> str:
-    if not isinstance(v, str):
-        raise TypeError(f"on_nonconvergence must be one of {list(ON_NONCONVERGENCE)}, got {type(v).__name__} {v!r}")
-    if v not in ON_NONCONVERGENCE:
-        raise ValueError(f"on_nonconvergence must be one of {list(ON_NONCONVERGENCE)}, got {v!r}")
-    return v
-
-
 # ---- non-convergence policy (docs/design.md §4) ------------------------------------------------------
 
 def min_rel_tol(dtype: torch.dtype) -> float:
@@ -337,33 +287,21 @@ def _report(where: str, parts: list, mode: str, info: Optional["RelaxInfo"], sta
     warnings.warn(msg, NonConvergenceWarning, stacklevel=stacklevel + 1)
 
 
-def _graph_mode(v: Optional[bool]) -> str:
-    if v is None:
-        return "auto"
-    if not isinstance(v, bool):
-        raise TypeError(f"cuda_graph must be None (auto), True or False, got {v!r}")
-    return "on" if v else "off"
-
-
 def _relax(fld, z0: torch.Tensor, opts: RelaxOptions, drive=None) -> tuple[torch.Tensor, RelaxInfo]:
-    d = _C.relax(fld, z0, int(opts.max_steps), float(opts.eps), float(opts.tol), str(opts.stop),
-                 str(opts.solver), int(opts.anderson_m), float(opts.anderson_reg), float(opts.divergence),
-                 bool(opts.trace), _int_option("check_every", opts.check_every),
-                 _graph_mode(opts.cuda_graph), drive)
+    d = _C.relax(fld, z0, opts, drive)
     # Non-convergence is reported by the public callers, once per call (``_report``).
     return d["z"], _info(d)
 
 
-def relax(f: Any, x: Optional[torch.Tensor], *, z0: Optional[torch.Tensor] = None, max_steps: int = 100,
-          eps: float = 1.0, tol: float = 1e-4, stop: str = "rel", solver: str = "picard",
-          anderson_m: int = 5, anderson_reg: float = 1e-8, divergence: float = 1e4,
-          trace: bool = True, check_every: int = 1, cuda_graph: Optional[bool] = None,
-          drive: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, on_nonconvergence: str = "warn",
+def relax(f: Any, x: Optional[torch.Tensor], *, z0: Optional[torch.Tensor] = None,
+          drive: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, **options,
           ) -> tuple[torch.Tensor, RelaxInfo]:
     """Relax to the fixed point z* = F(z*; x) (DESIGN.md §4), never differentiated through.
 
     Damped Picard ``z <- z + eps (F(z) - z)`` or type-II Anderson (``anderson_m`` history,
     regularization ``anderson_reg``, mixing ``eps``) from ``z0`` (default zeros like x).
+    ``options`` are those of :data:`RelaxOptions` (``print(eqprop.RelaxOptions())`` shows the
+    defaults); an unknown option raises TypeError listing the valid ones.
     Returns ``(z, info)``: z [B, ...] is the lowest-residual iterate per sample (among the
     ``max_steps`` evaluated ones, z_0 ... z_{T-1}); ``info`` is a
     :class:`RelaxInfo`. Divergence is reported per sample in ``info.status``, never raised.
@@ -372,14 +310,11 @@ def relax(f: Any, x: Optional[torch.Tensor], *, z0: Optional[torch.Tensor] = Non
     residuals are those of the driven field. ``check_every``, ``cuda_graph`` and
     ``on_nonconvergence`` (samples that end above ``tol``: one :class:`NonConvergenceWarning`
     per call by default, ``"raise"``: :class:`NonConvergenceError`, ``"ignore"``): see
-    :class:`RelaxOptions`.
+    :data:`RelaxOptions`.
 
     Example: ``z, info = eqprop.relax(lambda z, x: 0.5 * torch.tanh(z) + x, torch.randn(4, 8))``.
     """
-    opts = _check_options(RelaxOptions(
-        max_steps=max_steps, eps=eps, tol=tol, stop=stop, solver=solver, anderson_m=anderson_m,
-        anderson_reg=anderson_reg, divergence=divergence, trace=trace, check_every=check_every,
-        cuda_graph=cuda_graph, on_nonconvergence=on_nonconvergence))
+    opts = RelaxOptions.from_kwargs("relax", options)
     fld = as_field(f, x)
     if drive is not None and not callable(drive):
         raise TypeError(f"drive must be callable as drive(z) or None, got {type(drive).__name__}")
@@ -465,7 +400,7 @@ def fixed_point(f: Any, x: Optional[torch.Tensor], *, backward: str = "implicit"
 
     Example: ``z = eqprop.fixed_point(layer, x); loss = z.square().sum(); loss.backward()``.
     """
-    opts = _check_options(RelaxOptions.from_kwargs("fixed_point", relax_options))
+    opts = RelaxOptions.from_kwargs("fixed_point", relax_options)
     mode = opts.on_nonconvergence
     if backward not in ("implicit", "bptt"):
         raise ValueError(f"backward must be one of 'implicit', 'bptt', got {backward!r}")

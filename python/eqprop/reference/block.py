@@ -23,6 +23,8 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
+from .. import _C
+
 __all__ = ["block", "attention", "ffn", "energy", "effective_weights", "layer_norm"]
 
 
@@ -130,7 +132,9 @@ def ffn(u: Tensor, p: Mapping[str, Tensor], *, ffn: str = "mlp") -> Tensor:
 
 _attention_branch, _ffn_branch = attention, ffn  # block() takes options of the same names
 
-_SPECTRAL = ("q_weight", "k_weight", "v_weight", "o_weight", "ffn_in_weight", "ffn_out_weight")
+# The spectrally normalized weights, by name, from the block's one parameter table (names only: the
+# math here stays independent of the C++ core it checks).
+_SPECTRAL = tuple(row["name"] for row in _C.block_param_table() if row["spectral"])
 
 
 def effective_weights(params: Mapping[str, Tensor], *, spectral_rho: Optional[float] = None,

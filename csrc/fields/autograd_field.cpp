@@ -1,5 +1,5 @@
 // AutogradField: VJP / JVP / parameter-VJP of any differentiable eval() (see autograd_field.h).
-#include "solvers/autograd_field.h"
+#include "fields/autograd_field.h"
 
 #include <ATen/ATen.h>
 
