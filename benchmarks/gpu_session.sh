@@ -100,7 +100,7 @@ elif not torch.cuda.is_available():
 else:
     print('READY')" 2>&1)
   echo "$info" | grep -v "^WHY\|^READY$"
-  echo "$info" | grep -q "^READY$" && CUDA_READY=1
+  grep -q "^READY$" <<<"$info" && CUDA_READY=1
   why=$(echo "$info" | sed -n 's/^WHY //p')
   [ $CUDA_READY = 1 ] || [ -n "$why" ] || why="eqprop could not be imported after the build"
   BUILT=1

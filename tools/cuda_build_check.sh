@@ -108,13 +108,14 @@ if [ $status -ne 0 ]; then
   echo "build FAILED (full log: $BUILD_DIR.build.log)" >&2
   exit 1
 fi
-module=$(ls "$BUILD_DIR"/_C*.so)
-grep -c "Building \(CXX\|CUDA\) object" "$BUILD_DIR.build.log" | sed 's/^/   translation units compiled: /'
+module=$(ls "$BUILD_DIR"/_C.*.so | head -1)
+echo "   translation units compiled: $(grep -c "Building CXX object" "$BUILD_DIR.build.log") C++," \
+  "$(grep -c "Building CUDA object" "$BUILD_DIR.build.log") CUDA (all with -DEQPROP_WITH_CUDA=1)"
 
 step "link check: no undefined symbols (--no-undefined, libpython)"
 pylib=$("$PYTHON" -c 'import sysconfig, os; print(os.path.join(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")))')
 link_cmd=$(cat "$BUILD_DIR/CMakeFiles/_C.dir/link.txt")
-check_out=$BUILD_DIR/_C_no_undefined.so
+check_out=$BUILD_DIR/no_undefined_check.so
 # link.txt runs from the build folder; the later -o wins.
 if ! (cd "$BUILD_DIR" && eval "$link_cmd -Wl,--no-undefined $pylib -o $check_out") >"$BUILD_DIR.link.log" 2>&1; then
   grep -E "undefined reference|error" "$BUILD_DIR.link.log" | head -40
@@ -122,7 +123,13 @@ if ! (cd "$BUILD_DIR" && eval "$link_cmd -Wl,--no-undefined $pylib -o $check_out
   exit 1
 fi
 echo "   ok: $(basename "$module") links with no undefined symbols"
-readelf -S "$module" | grep -q nv_fatbin && echo "   the module carries a CUDA fatbin (.nv_fatbin)" \
-  || { echo "no CUDA device code in $module" >&2; exit 1; }
+# (grep -c, not grep -q: under pipefail an early grep exit fails readelf with SIGPIPE)
+if [ "$(readelf -S "$module" | grep -c nv_fatbin)" -gt 0 ]; then
+  echo "   the module carries CUDA device code (.nv_fatbin; nvcc flags: $(grep -o 'arch=[^ ]*' \
+    "$BUILD_DIR/CMakeFiles/_C.dir/flags.make" | sort -u | tr '\n' ' '))"
+else
+  echo "no CUDA device code in $module" >&2
+  exit 1
+fi
 readelf -d "$module" | grep NEEDED | sed 's/^ */   /'
 step "cuda-build-check passed"
