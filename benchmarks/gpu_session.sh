@@ -172,9 +172,8 @@ else
       --recipe-dir /tmp/eqprop_recipe_k4 --out "$OUT/markov_train_recipe.json")
     rc=$?
     note "k = 4 recipe: $(status_word $rc)"
-    mkdir -p "$OUT/recipe"
     for f in summary.json config.json training_history.csv figures/training_curve.png figures/gap_by_position.png; do
-      [ -f "/tmp/eqprop_recipe_k4/$f" ] && cp "/tmp/eqprop_recipe_k4/$f" "$OUT/recipe/"
+      [ -f "/tmp/eqprop_recipe_k4/$f" ] && mkdir -p "$OUT/recipe" && cp "/tmp/eqprop_recipe_k4/$f" "$OUT/recipe/"
     done
   fi
 fi

@@ -87,6 +87,7 @@ step "configure ($BUILD_DIR)"
 # A fresh configure each time (the cache would keep an earlier nvrtc or torch path); ccache keeps
 # the rebuild cheap.
 rm -rf "$BUILD_DIR"
+mkdir -p "$(dirname "$BUILD_DIR")"
 export CUDA_HOME CUDA_PATH=$CUDA_HOME
 export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$REPO}  # CMakeLists.txt uses ccache when it is there
 cmake -S "$REPO" -B "$BUILD_DIR" -G "Unix Makefiles" -DCMAKE_BUILD_TYPE=Release \
