@@ -35,8 +35,8 @@ def main() -> int:
     for k in () if args.no_cpu else (4, 6):
         B, L = 256, markov.default_seq_len(k)
         x = markov.sample(B, k, seed=k)
-        t_ref = timeit(lambda: ref.bayes_nll(x, k), repeat=1 if args.quick else 2, warmup=0)
-        t_cpp = timeit(lambda: markov.bayes_nll(x, k), repeat=repeat)
+        t_ref = timeit(lambda x=x, k=k: ref.bayes_nll(x, k), repeat=1 if args.quick else 2, warmup=0)
+        t_cpp = timeit(lambda x=x, k=k: markov.bayes_nll(x, k), repeat=repeat)
         for path, t in (("reference", t_ref), ("cpp-cpu", t_cpp)):
             row = dict(path=path, k=k, batch=B, seq_len=L, seconds=t, tokens_per_s=B * L / t,
                        speedup_vs_reference=t_ref / t)

@@ -69,40 +69,49 @@ def _make(args, device, dtype, seed=0):
     return blk, x, ref_F
 
 
+def _figure(out, record, key, measure):
+    """out[key] = measure(), or the error it raised as a string: one failing loop (say a CUDA-graph
+    capture on a new torch) is recorded and the others are still measured."""
+    try:
+        value = measure()
+    except Exception as err:  # recorded in the JSON, not hidden
+        value = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+    out[key] = value
+    record(key, value)
+
+
+def _ratio(a, b):
+    return a / b if isinstance(a, float) and isinstance(b, float) else None
+
+
 def bench_steps(args, device, dtype, record=lambda key, value: None):
     """Seconds per step of each loop; record(key, value) is called as each figure is measured."""
     blk, x, ref_F = _make(args, device, dtype)
     n = args.steps
     out = {}
 
-    def put(key, value):
-        out[key] = value
-        record(key, value)
+    def put(key, fn):
+        _figure(out, record, key, lambda: _time(fn, device, args.repeats) / n)
 
     with torch.no_grad():
-        put("engine_picard", _time(lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0), device, args.repeats) / n)
+        put("engine_picard", lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0))
         if device.type == "cuda":
-            put("engine_picard_no_graph", _time(
-                lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, cuda_graph=False), device, args.repeats) / n)
-            put("engine_picard_graph_check8", _time(
-                lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, cuda_graph=True, check_every=8), device,
-                args.repeats) / n)
-        put("engine_anderson", _time(
-            lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, solver="anderson"), device, args.repeats) / n)
-        put("eager_reference", _time(lambda: ref_solvers.picard(ref_F, x, max_steps=n, tol=0.0), device,
-                                     args.repeats) / n)
-        put("eager_cpp_block", _time(lambda: ref_solvers.picard(blk, x, max_steps=n, tol=0.0), device,
-                                     args.repeats) / n)
+            put("engine_picard_no_graph", lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, cuda_graph=False))
+            put("engine_picard_graph_check8",
+                lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, cuda_graph=True, check_every=8))
+        put("engine_anderson", lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, solver="anderson"))
+        put("eager_reference", lambda: ref_solvers.picard(ref_F, x, max_steps=n, tol=0.0))
+        put("eager_cpp_block", lambda: ref_solvers.picard(blk, x, max_steps=n, tol=0.0))
         try:
             from torchdeq.solver import get_solver
 
             fp = get_solver("fixed_point_iter")
             z0 = torch.zeros_like(x)
-            put("torchdeq_fixed_point_iter", _time(
-                lambda: fp(lambda z: blk(z, x), z0, max_iter=n, tol=0.0, stop_mode="rel"), device,
-                args.repeats) / n)
+            put("torchdeq_fixed_point_iter",
+                lambda: fp(lambda z: blk(z, x), z0, max_iter=n, tol=0.0, stop_mode="rel"))
         except Exception as err:  # recorded, not hidden: the JSON says why TorchDEQ is missing
-            put("torchdeq_fixed_point_iter", f"unavailable: {type(err).__name__}: {err}")
+            why = f"unavailable: {type(err).__name__}: {err}"
+            _figure(out, record, "torchdeq_fixed_point_iter", lambda: why)
     return out
 
 
@@ -129,8 +138,7 @@ def bench_backward(args, device, dtype, record=lambda key, value: None):
     out = {}
     for key, fn in (("engine_implicit", engine), ("eager_reference_adjoint", eager_adjoint(ref_F)),
                     ("eager_cpp_block_adjoint", eager_adjoint(blk))):
-        out[key] = _time(fn, device, args.repeats) / k
-        record(key, out[key])
+        _figure(out, record, key, lambda fn=fn: _time(fn, device, args.repeats) / k)
     return out
 
 
@@ -174,8 +182,8 @@ def bench_memory(args, device, dtype, record=lambda mode, steps, value: None):
         out[mode] = {}
         for steps in args.memory_steps:
             if device.type == "cuda":
-                out[mode][str(steps)] = memory_point(args, device, dtype, mode, steps)
-                record(mode, str(steps), out[mode][str(steps)])
+                _figure(out[mode], lambda key, value, mode=mode: record(mode, key, value), str(steps),
+                        lambda mode=mode, steps=steps: memory_point(args, device, dtype, mode, steps))
                 continue
             cmd = [sys.executable, __file__, "--memory-point", mode, str(steps), "--device", str(device),
                    "--dtypes", str(dtype).replace("torch.", ""), "--C", str(args.C), "--H", str(args.H),
@@ -242,26 +250,27 @@ def main(argv=None):
         def fmt(k, v):
             return f"{k} {v * 1e3:.3f} ms" if isinstance(v, float) else f"{k} {v}"
 
-        def on_step(k, v):
+        def on_step(k, v, name=name):
             res.set("runs", name, "per_step", k, v)
             print(f"[{name}] per step: {fmt(k, v)}")
 
-        def on_vjp(k, v):
+        def on_vjp(k, v, name=name):
             res.set("runs", name, "per_vjp", k, v)
             print(f"[{name}] per VJP:  {fmt(k, v)}")
 
         steps = bench_steps(args, device, dtype, on_step)
         back = bench_backward(args, device, dtype, on_vjp)
         run = res.doc["runs"][name]
-        run.update({"speedup_per_step_vs_eager_reference": steps["eager_reference"] / steps["engine_picard"],
-                    "speedup_per_step_vs_eager_cpp_block": steps["eager_cpp_block"] / steps["engine_picard"],
-                    "speedup_per_vjp_vs_eager_reference": back["eager_reference_adjoint"] / back["engine_implicit"]})
+        run.update({"speedup_per_step_vs_eager_reference": _ratio(steps["eager_reference"], steps["engine_picard"]),
+                    "speedup_per_step_vs_eager_cpp_block": _ratio(steps["eager_cpp_block"], steps["engine_picard"]),
+                    "speedup_per_vjp_vs_eager_reference": _ratio(back["eager_reference_adjoint"],
+                                                                 back["engine_implicit"])})
         if device.type == "cuda":
-            run["speedup_per_step_graph_vs_no_graph"] = steps["engine_picard_no_graph"] / steps["engine_picard"]
+            run["speedup_per_step_graph_vs_no_graph"] = _ratio(steps["engine_picard_no_graph"], steps["engine_picard"])
         res.set("runs", name, run)
         if args.memory_steps:
             bench_memory(args, device, dtype,
-                         lambda mode, n, v: res.set("runs", name, "memory_vs_forward_steps", mode, n, v))
+                         lambda mode, n, v, name=name: res.set("runs", name, "memory_vs_forward_steps", mode, n, v))
             print(f"[{name}] memory:   {run['memory_vs_forward_steps']}")
     res.finish()
     print(f"wrote {args.out}")

@@ -203,10 +203,10 @@ r = load("relax_cuda.json")
 if r:
     for dtype, run in r.get("runs", {}).items():
         ps = run.get("per_step", {})
-        print(f"  relax {dtype}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in ps.items()
-                                           if isinstance(v, float)))
+        print(f"  relax {dtype}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in ps.items()))
         for k in ("speedup_per_step_vs_eager_reference", "speedup_per_step_graph_vs_no_graph"):
-            if k in run:
+            if run.get(k) is not None:
                 print(f"    {k}: {run[k]:.2f}x")
     print(f"  relax complete={r['complete']}")
 t = load("markov_train.json")
