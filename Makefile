@@ -24,3 +24,10 @@ test: setup-test
 bench: setup
 	$(PIP) install --no-deps torchdeq
 	cd benchmarks && $(PYTHON) bench_markov.py && $(PYTHON) bench_relax.py && $(PYTHON) bench_markov_train.py
+
+# --- CUDA build check (developer target, not part of CI) -------------------------------------------
+# Compiles and links every translation unit with CUDA against the GPU machine's torch (2.11.0+cu130,
+# downloaded once into ~/.cache/eqprop, never installed) with nvcc from /usr/local/cuda; no GPU needed.
+.PHONY: cuda-build-check
+cuda-build-check:
+	bash tools/cuda_build_check.sh

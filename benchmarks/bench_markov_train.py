@@ -11,13 +11,17 @@ on CPU: "flash" rows use the default SDPA choice) and is written, labelled ``"de
 
     python benchmarks/bench_markov_train.py             # the full benchmark for this machine
     python benchmarks/bench_markov_train.py --no-recipe # throughput only
+    python benchmarks/bench_markov_train.py --recipe-only --out recipe.json   # the k = 4 run only
+
+The JSON is written again after every throughput row and every evaluation of the recipe run, so a
+crash or a time limit keeps what ran ("complete": false). SIGTERM during the recipe run stops it
+cleanly (status "interrupted", no final evaluation) and the script still writes its summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import pathlib
 import platform
 import time
@@ -25,7 +29,7 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import environment
+from common import Results, environment
 from eqprop import markov
 from eqprop.models import Transformer, next_token_nll
 
@@ -78,56 +82,63 @@ def throughput(size: dict, *, bf16: bool, kernel: str, checkpointing: bool, devi
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-recipe", action="store_true", help="skip the k = 4 training run (GPU only)")
+    parser.add_argument("--recipe-only", action="store_true", help="only the k = 4 training run (GPU only)")
+    parser.add_argument("--recipe-dir", default=str(ROOT / "runs" / "bench_markov_k4"),
+                        help="the recipe run's out_dir (checkpoints, history, figures)")
     parser.add_argument("--out", default=None, help="output JSON (default depends on the device)")
     args = parser.parse_args()
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     size = GPU_SIZE if gpu else CPU_SIZE
-    fast_kernel = "flash" if gpu else "default"  # CPU has no flash kernel: SDPA picks its fused CPU kernel
-    settings = [(False, "math", False), (False, "math", True), (True, fast_kernel, False), (True, fast_kernel, True)]
-    rows = []
-    print(f"device {torch.cuda.get_device_name() if gpu else platform.processor() or 'cpu'}; size {size}")
-    print(f"{'bf16':>5} {'attention':>9} {'ckpt':>5} {'tokens/s':>10} {'peak MiB':>9}")
-    for bf16, kernel, ckpt in settings:
-        row = throughput(size, bf16=bf16, kernel=kernel, checkpointing=ckpt, device=device)
-        rows.append(row)
-        tps = f"{row['tokens_per_s']:.0f}" if row["tokens_per_s"] else row.get("error", "-")
-        mem = f"{row['peak_mem_mib']:.0f}" if row["peak_mem_mib"] else "-"
-        print(f"{str(bf16):>5} {kernel:>9} {str(ckpt):>5} {tps:>10} {mem:>9}")
-    base = rows[0]["tokens_per_s"]
-    fast = rows[2]["tokens_per_s"]
-    speedup = fast / base if base and fast else None
-    print(f"bf16+{fast_kernel} vs fp32+math: {speedup:.2f}x" if speedup else "speedup: n/a")
+    out = pathlib.Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
+        "markov_train.json" if gpu else "markov_train_cpu.json")
+    res = Results(str(out), environment=environment(), reduced_size=not gpu, size=size, goal_speedup=3.0,
+                  note=None if gpu else "CPU, reduced size: no flash kernel (the fast rows use SDPA's default "
+                                        "CPU kernel); peak memory is only measured on CUDA")
+    if not args.recipe_only:
+        fast_kernel = "flash" if gpu else "default"  # CPU has no flash kernel: SDPA picks its fused CPU kernel
+        settings = [(False, "math", False), (False, "math", True), (True, fast_kernel, False),
+                    (True, fast_kernel, True)]
+        rows = []
+        print(f"device {torch.cuda.get_device_name() if gpu else platform.processor() or 'cpu'}; size {size}")
+        print(f"{'bf16':>5} {'attention':>9} {'ckpt':>5} {'tokens/s':>10} {'peak MiB':>9}")
+        for bf16, kernel, ckpt in settings:
+            row = throughput(size, bf16=bf16, kernel=kernel, checkpointing=ckpt, device=device)
+            rows.append(row)
+            res.append("throughput", row)
+            tps = f"{row['tokens_per_s']:.0f}" if row["tokens_per_s"] else row.get("error", "-")
+            mem = f"{row['peak_mem_mib']:.0f}" if row["peak_mem_mib"] else "-"
+            print(f"{str(bf16):>5} {kernel:>9} {str(ckpt):>5} {tps:>10} {mem:>9}")
+        base = rows[0]["tokens_per_s"]
+        fast = rows[2]["tokens_per_s"]
+        speedup = fast / base if base and fast else None
+        res.set("speedup_bf16_fast_vs_fp32_math", speedup)
+        print(f"bf16+{fast_kernel} vs fp32+math: {speedup:.2f}x" if speedup else "speedup: n/a")
 
-    result = {
-        "environment": environment(),
-        "reduced_size": not gpu,
-        "size": size,
-        "throughput": rows,
-        "speedup_bf16_fast_vs_fp32_math": speedup,
-        "note": None if gpu else "CPU, reduced size: no flash kernel (the fast rows use SDPA's default CPU "
-                                 "kernel); peak memory is only measured on CUDA",
-        "goal_speedup": 3.0,
-    }
     if gpu and not args.no_recipe:
         from eqprop.train.markov import TrainConfig, train
 
-        out_dir = ROOT / "runs" / "bench_markov_k4"
+        res.set("recipe_k4", {"config": RECIPE_K4, "status": "running", "evals": []})
         t0 = time.perf_counter()
-        s = train(TrainConfig(**RECIPE_K4, out_dir=str(out_dir)))
-        result["recipe_k4"] = {
-            "config": RECIPE_K4, "status": s.status, "steps": s.steps, "wall_s": time.perf_counter() - t0,
-            "best_gap_pct": s.best_gap_pct, "final": [{key: f[key] for key in ("seed", "n_seqs", "gap_pct", "gap_se")}
-                                                      for f in s.final],
-            "gate_passed": s.gate_passed, "figures": s.figures,
-        }
-        print(f"k=4 recipe: {s.status} after {s.steps} steps, {result['recipe_k4']['wall_s']:.0f} s; final gaps "
-              + ", ".join(f"{f['gap_pct']:+.2f}% +- {f['gap_se']:.2f}" for f in s.final))
-    out = pathlib.Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
-        "markov_train.json" if gpu else "markov_train_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+
+        def record_eval(record, _model):  # every evaluation reaches the JSON as it happens
+            if record.get("gap_pct") is not None:
+                res.doc["recipe_k4"]["evals"].append(
+                    {key: record.get(key) for key in ("step", "train_loss", "gap_pct", "gap_se", "tokens_per_s",
+                                                      "elapsed_s")})
+                res.set("recipe_k4", "wall_s", time.perf_counter() - t0)
+
+        s = train(TrainConfig(**RECIPE_K4, out_dir=args.recipe_dir), callback=record_eval)
+        res.doc["recipe_k4"].update(
+            status=s.status, steps=s.steps, wall_s=time.perf_counter() - t0, best_gap_pct=s.best_gap_pct,
+            final=[{key: f[key] for key in ("seed", "n_seqs", "gap_pct", "gap_se")} for f in s.final],
+            gate_passed=s.gate_passed, figures=s.figures, message=s.message)
+        print(f"k=4 recipe: {s.status} after {s.steps} steps, {res.doc['recipe_k4']['wall_s']:.0f} s; final gaps "
+              + (", ".join(f"{f['gap_pct']:+.2f}% +- {f['gap_se']:.2f}" for f in s.final) or "none"))
+    elif args.recipe_only:
+        print("no CUDA device: the k = 4 recipe runs on a GPU only")
+    res.finish()
     print(f"wrote {out}")
 
 

@@ -17,13 +17,14 @@ of full BPTT against the number of forward steps (fresh subprocess per point; CP
 CUDA: ``max_memory_allocated``).
 
 Run: ``python benchmarks/bench_relax.py`` (defaults: C=512, H=16, T=256, B=24 in fp32 and bf16 on a
-GPU; C=128, H=4, T=64, B=4 in fp32 on CPU, one thread). Results: ``benchmarks/results/relax.json``.
+GPU; C=128, H=4, T=64, B=4 in fp32 on CPU, one thread). Results: ``benchmarks/results/relax.json``
+(or ``--out``), written again after every figure so that a crash or a time limit keeps what ran
+(``"complete": false`` until the end).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -34,7 +35,7 @@ import logging
 import torch
 
 import eqprop
-from common import environment
+from common import Results, environment
 from eqprop.reference import block as ref_block
 from eqprop.reference import solvers as ref_solvers
 
@@ -68,38 +69,53 @@ def _make(args, device, dtype, seed=0):
     return blk, x, ref_F
 
 
-def bench_steps(args, device, dtype):
+def _figure(out, record, key, measure):
+    """out[key] = measure(), or the error it raised as a string: one failing loop (say a CUDA-graph
+    capture on a new torch) is recorded and the others are still measured."""
+    try:
+        value = measure()
+    except Exception as err:  # recorded in the JSON, not hidden
+        value = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+    out[key] = value
+    record(key, value)
+
+
+def _ratio(a, b):
+    return a / b if isinstance(a, float) and isinstance(b, float) else None
+
+
+def bench_steps(args, device, dtype, record=lambda key, value: None):
+    """Seconds per step of each loop; record(key, value) is called as each figure is measured."""
     blk, x, ref_F = _make(args, device, dtype)
     n = args.steps
     out = {}
+
+    def put(key, fn):
+        _figure(out, record, key, lambda: _time(fn, device, args.repeats) / n)
+
     with torch.no_grad():
-        out["engine_picard"] = _time(lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0), device, args.repeats) / n
+        put("engine_picard", lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0))
         if device.type == "cuda":
-            out["engine_picard_no_graph"] = _time(
-                lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, cuda_graph=False), device, args.repeats) / n
-            out["engine_picard_graph_check8"] = _time(
-                lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, cuda_graph=True, check_every=8), device,
-                args.repeats) / n
-        out["engine_anderson"] = _time(
-            lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, solver="anderson"), device, args.repeats) / n
-        out["eager_reference"] = _time(lambda: ref_solvers.picard(ref_F, x, max_steps=n, tol=0.0), device,
-                                       args.repeats) / n
-        out["eager_cpp_block"] = _time(lambda: ref_solvers.picard(blk, x, max_steps=n, tol=0.0), device,
-                                       args.repeats) / n
+            put("engine_picard_no_graph", lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, cuda_graph=False))
+            put("engine_picard_graph_check8",
+                lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, cuda_graph=True, check_every=8))
+        put("engine_anderson", lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, solver="anderson"))
+        put("eager_reference", lambda: ref_solvers.picard(ref_F, x, max_steps=n, tol=0.0))
+        put("eager_cpp_block", lambda: ref_solvers.picard(blk, x, max_steps=n, tol=0.0))
         try:
             from torchdeq.solver import get_solver
 
             fp = get_solver("fixed_point_iter")
             z0 = torch.zeros_like(x)
-            out["torchdeq_fixed_point_iter"] = _time(
-                lambda: fp(lambda z: blk(z, x), z0, max_iter=n, tol=0.0, stop_mode="rel"), device,
-                args.repeats) / n
+            put("torchdeq_fixed_point_iter",
+                lambda: fp(lambda z: blk(z, x), z0, max_iter=n, tol=0.0, stop_mode="rel"))
         except Exception as err:  # recorded, not hidden: the JSON says why TorchDEQ is missing
-            out["torchdeq_fixed_point_iter"] = f"unavailable: {type(err).__name__}: {err}"
+            why = f"unavailable: {type(err).__name__}: {err}"
+            _figure(out, record, "torchdeq_fixed_point_iter", lambda: why)
     return out
 
 
-def bench_backward(args, device, dtype):
+def bench_backward(args, device, dtype, record=lambda key, value: None):
     blk, x, ref_F = _make(args, device, dtype)
     k = args.backward_steps
     with torch.no_grad():
@@ -119,9 +135,11 @@ def bench_backward(args, device, dtype):
                 torch.autograd.grad(F(z_star, x), list(blk.parameters()), lam)
         return run
 
-    return {"engine_implicit": _time(engine, device, args.repeats) / k,
-            "eager_reference_adjoint": _time(eager_adjoint(ref_F), device, args.repeats) / k,
-            "eager_cpp_block_adjoint": _time(eager_adjoint(blk), device, args.repeats) / k}
+    out = {}
+    for key, fn in (("engine_implicit", engine), ("eager_reference_adjoint", eager_adjoint(ref_F)),
+                    ("eager_cpp_block_adjoint", eager_adjoint(blk))):
+        _figure(out, record, key, lambda fn=fn: _time(fn, device, args.repeats) / k)
+    return out
 
 
 def _rss_kib(field):
@@ -156,11 +174,17 @@ def memory_point(args, device, dtype, mode, steps):
     return (_rss_kib("VmHWM:") - base) * 1024
 
 
-def bench_memory(args, device, dtype):
+def bench_memory(args, device, dtype, record=lambda mode, steps, value: None):
+    """Peak memory per (mode, forward steps). CUDA: in this process (the allocator's peak is reset
+    per point); CPU: a fresh subprocess per point (peak RSS cannot be reset across allocations)."""
     out = {}
     for mode in ("implicit", "bptt"):
         out[mode] = {}
         for steps in args.memory_steps:
+            if device.type == "cuda":
+                _figure(out[mode], lambda key, value, mode=mode: record(mode, key, value), str(steps),
+                        lambda mode=mode, steps=steps: memory_point(args, device, dtype, mode, steps))
+                continue
             cmd = [sys.executable, __file__, "--memory-point", mode, str(steps), "--device", str(device),
                    "--dtypes", str(dtype).replace("torch.", ""), "--C", str(args.C), "--H", str(args.H),
                    "--T", str(args.T), "--B", str(args.B), "--threads", str(args.threads),
@@ -169,6 +193,7 @@ def bench_memory(args, device, dtype):
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
             res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             out[mode][str(steps)] = int(res.stdout.strip().splitlines()[-1])
+            record(mode, str(steps), out[mode][str(steps)])
     return out
 
 
@@ -211,36 +236,43 @@ def main(argv=None):
         torchdeq_version = importlib.metadata.version("torchdeq")
     except Exception as err:
         torchdeq_version = f"not available ({type(err).__name__}: {err})"
-    result = {
-        "environment": environment(),
-        "torchdeq": torchdeq_version,
-        "config": {"C": args.C, "H": args.H, "T": args.T, "B": args.B, "forward_steps": args.steps,
-                   "backward_steps": args.backward_steps, "repeats": args.repeats, "timer": "best of repeats"},
-        "units": {"per_step": "seconds per relaxation step", "per_vjp": "seconds per adjoint VJP",
-                  "memory": "bytes (peak growth during forward + backward)"},
-        "runs": {},
-    }
+    res = Results(
+        args.out, environment=environment(), torchdeq=torchdeq_version,
+        config={"C": args.C, "H": args.H, "T": args.T, "B": args.B, "forward_steps": args.steps,
+                "backward_steps": args.backward_steps, "repeats": args.repeats, "timer": "best of repeats"},
+        units={"per_step": "seconds per relaxation step", "per_vjp": "seconds per adjoint VJP",
+               "memory": "bytes (peak growth during forward + backward)"},
+        runs={})
     for dtype in dtypes:
         name = str(dtype).replace("torch.", "")
-        steps = bench_steps(args, device, dtype)
-        back = bench_backward(args, device, dtype)
-        run = {"per_step": steps, "per_vjp": back,
-               "speedup_per_step_vs_eager_reference": steps["eager_reference"] / steps["engine_picard"],
-               "speedup_per_step_vs_eager_cpp_block": steps["eager_cpp_block"] / steps["engine_picard"],
-               "speedup_per_vjp_vs_eager_reference": back["eager_reference_adjoint"] / back["engine_implicit"]}
+        res.set("runs", name, {})
+
+        def fmt(k, v):
+            return f"{k} {v * 1e3:.3f} ms" if isinstance(v, float) else f"{k} {v}"
+
+        def on_step(k, v, name=name):
+            res.set("runs", name, "per_step", k, v)
+            print(f"[{name}] per step: {fmt(k, v)}")
+
+        def on_vjp(k, v, name=name):
+            res.set("runs", name, "per_vjp", k, v)
+            print(f"[{name}] per VJP:  {fmt(k, v)}")
+
+        steps = bench_steps(args, device, dtype, on_step)
+        back = bench_backward(args, device, dtype, on_vjp)
+        run = res.doc["runs"][name]
+        run.update({"speedup_per_step_vs_eager_reference": _ratio(steps["eager_reference"], steps["engine_picard"]),
+                    "speedup_per_step_vs_eager_cpp_block": _ratio(steps["eager_cpp_block"], steps["engine_picard"]),
+                    "speedup_per_vjp_vs_eager_reference": _ratio(back["eager_reference_adjoint"],
+                                                                 back["engine_implicit"])})
         if device.type == "cuda":
-            run["speedup_per_step_graph_vs_no_graph"] = steps["engine_picard_no_graph"] / steps["engine_picard"]
+            run["speedup_per_step_graph_vs_no_graph"] = _ratio(steps["engine_picard_no_graph"], steps["engine_picard"])
+        res.set("runs", name, run)
         if args.memory_steps:
-            run["memory_vs_forward_steps"] = bench_memory(args, device, dtype)
-        result["runs"][name] = run
-        print(f"[{name}] per step: " + ", ".join(
-            f"{k} {v * 1e3:.3f} ms" if isinstance(v, float) else f"{k} {v}" for k, v in steps.items()))
-        print(f"[{name}] per VJP:  " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in back.items()))
-        if args.memory_steps:
+            bench_memory(args, device, dtype,
+                         lambda mode, n, v, name=name: res.set("runs", name, "memory_vs_forward_steps", mode, n, v))
             print(f"[{name}] memory:   {run['memory_vs_forward_steps']}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
+    res.finish()
     print(f"wrote {args.out}")
 
 

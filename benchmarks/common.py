@@ -48,10 +48,58 @@ def environment() -> dict:
     return env
 
 
-def write_results(name: str, results: dict) -> str:
-    path = os.path.join(os.path.dirname(__file__), "results", f"{name}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def results_path(name: str) -> str:
+    """benchmarks/results/NAME.json"""
+    return os.path.join(os.path.dirname(__file__), "results", f"{name}.json")
+
+
+def _write_json(path: str, doc: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(path + ".tmp", path)
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)  # a reader (or a kill) never sees half a file
+
+
+def write_results(name: str, results: dict) -> str:
+    path = results_path(name)
+    _write_json(path, results)
     return path
+
+
+class Results:
+    """A results JSON written again after every figure, so that a crash or a time limit keeps what
+    ran. ``"complete"`` is false until :meth:`finish`.
+
+        res = Results("out.json", environment=environment())
+        res.append("rows", {"k": 4, "seconds": 0.1})      # file now holds rows = [that row]
+        res.set("runs", "float32", "per_step", {"engine_picard": 1e-3})   # nested keys
+        res.finish(goals={...})
+    """
+
+    def __init__(self, path: str | None, **header):
+        self.path = path
+        self.doc = dict(header, complete=False)
+        self._write()
+
+    def _write(self) -> None:
+        if self.path:
+            _write_json(self.path, self.doc)
+
+    def append(self, key: str, row: dict) -> None:
+        self.doc.setdefault(key, []).append(row)
+        self._write()
+
+    def set(self, *keys_and_value) -> None:
+        *keys, value = keys_and_value
+        node = self.doc
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+        self._write()
+
+    def finish(self, **extra) -> str | None:
+        self.doc.update(extra)
+        self.doc["complete"] = True
+        self._write()
+        return self.path

@@ -9,7 +9,7 @@ from equilibrium_fields import TanhLayer
 from test_block import _block
 from testing import needs_cuda
 
-pytestmark = needs_cuda
+pytestmark = [needs_cuda, pytest.mark.cuda]  # gpu_session.sh selects -m cuda
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -21,6 +21,22 @@ def test_damped_step_cuda_matches_cpu(dtype):
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(b.cpu().double(), a.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("batch,n", [(1, 1 << 21), (3, 1_000_003)])
+def test_damped_step_cuda_long_samples(batch, n):
+    """Samples long enough that the kernel splits each over many blocks, capped by the device's
+    multiprocessor count (4 per SM over the batch; 2^21 elements would otherwise be 1024 chunks),
+    with a ragged last chunk (n prime). float32 against a float64 reference of the same numbers:
+    each norm is a sum of ≤ ~40 terms per thread, a 256-way tree and ≤ ~600 atomic adds, so its
+    relative error is ≤ ~700·2^-24 ≈ 4e-5; rtol 2e-4 leaves 5x."""
+    g = torch.Generator().manual_seed(11)
+    z, fz = torch.randn(batch, n, generator=g), torch.randn(batch, n, generator=g)
+    z_new, res_sq, f_sq = torch.ops.eqprop.relax_damped_step(z.cuda(), fz.cuda(), 0.3)
+    z64, f64 = z.double(), fz.double()
+    torch.testing.assert_close(z_new.cpu().double(), z64 + 0.3 * (f64 - z64), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(res_sq.cpu().double(), (f64 - z64).square().sum(1), rtol=2e-4, atol=0)
+    torch.testing.assert_close(f_sq.cpu().double(), f64.square().sum(1), rtol=2e-4, atol=0)
 
 
 @pytest.mark.parametrize("attention", ["softmax", "energy"])

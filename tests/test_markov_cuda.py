@@ -6,12 +6,20 @@ import torch
 from eqprop import markov
 from testing import needs_cuda
 
-pytestmark = needs_cuda
+pytestmark = [needs_cuda, pytest.mark.cuda]  # gpu_session.sh selects -m cuda
 
 
-@pytest.mark.parametrize("k,V,alpha", [(1, 2, 1.0), (3, 3, 0.5), (6, 2, 1.0)])
+# The Bayes kernel keeps a sequence's counts, n_ctx·(V+1) int32 with n_ctx = V^k, in shared memory
+# when they fit in kSharedCountBytes = 1536 bytes per thread (csrc/cuda/markov.cu), else in a global
+# workspace. Shared: (1, 2) 24 B, (3, 3) 432 B, (6, 2) 768 B. Global: (5, 3) 243·4·4 = 3888 B.
+SHARED_COUNT_BYTES = 1536
+
+
+@pytest.mark.parametrize("k,V,alpha", [(1, 2, 1.0), (3, 3, 0.5), (6, 2, 1.0), (5, 3, 1.0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_bayes_nll_cuda_matches_cpu(k, V, alpha, dtype):
+    uses_global_workspace = V**k * (V + 1) * 4 > SHARED_COUNT_BYTES
+    assert uses_global_workspace == ((k, V) == (5, 3))  # the cases cover both paths
     x = markov.sample(300, k, seq_len=1000, vocab_size=V, alpha=alpha, seed=4)
     cpu = markov.bayes_nll(x, k, vocab_size=V, alpha=alpha, dtype=dtype)
     gpu = markov.bayes_nll(x.cuda(), k, vocab_size=V, alpha=alpha, dtype=dtype)

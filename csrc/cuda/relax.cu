@@ -3,12 +3,38 @@
 // its partial sums to the sample's outputs with one atomicAdd each (outputs zeroed first).
 #include <cuda_bf16.h>
 
+#include <atomic>
+
 #include "cuda/relax.cuh"
 
 namespace eqprop::cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kBlocksPerSm = 4;
+constexpr int kMaxDevices = 64;
+
+// Multiprocessor count of the current device, read once per device: the attribute query is cheap
+// but not free, and this runs once per relaxation step. It is a device query, not a stream
+// operation, so it may run during a CUDA-graph capture. Threads racing on the first call store the
+// same value. 0 when it cannot be read: the caller then does not cap the number of chunks.
+int sm_count() {
+  static std::atomic<int> cached[kMaxDevices] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  const bool slot = dev >= 0 && dev < kMaxDevices;
+  if (slot) {
+    const int n = cached[dev].load(std::memory_order_relaxed);
+    if (n > 0) return n;
+  }
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();  // clear it: the launch below reports its own errors
+    return 0;
+  }
+  if (slot) cached[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
 
 template <typename T>
 struct Acc;  // arithmetic type per storage type
@@ -75,11 +101,15 @@ cudaError_t launch(T* z_new, Out* res_sq, Out* f_sq, const T* z, const T* fz, in
   if (err != cudaSuccess) return err;
   if (batch == 0 || n == 0) return cudaSuccess;
   if (batch > 65535) return cudaErrorInvalidValue;  // grid.y limit; the C++ side checks first
-  // Enough blocks to fill the GPU (~4 per SM on H100 at B = 24) with ≥ 8 elements per thread.
+  // Enough blocks to fill the GPU (kBlocksPerSm per multiprocessor over the whole batch) with ≥ 8
+  // elements per thread; more chunks than that only add atomics.
   const int64_t min_chunk = int64_t(kThreads) * 8;
   int64_t chunks = (n + min_chunk - 1) / min_chunk;
-  const int64_t target = (528 + batch - 1) / batch;
-  if (chunks > target) chunks = target;
+  const int sms = sm_count();
+  if (sms > 0) {
+    const int64_t target = (int64_t(kBlocksPerSm) * sms + batch - 1) / batch;
+    if (chunks > target) chunks = target;
+  }
   if (chunks < 1) chunks = 1;
   const int64_t chunk = (n + chunks - 1) / chunks;
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(batch));
