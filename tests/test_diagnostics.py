@@ -6,7 +6,7 @@ import torch
 import eqprop
 from eqprop import diagnostics as dg
 from eqprop.reference import solvers as ref
-from equilibrium_fields import Linear, TanhLayer, one_thread  # noqa: F401  (autouse fixture)
+from equilibrium_fields import Linear, TanhLayer
 from testing import devices
 
 

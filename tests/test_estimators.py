@@ -6,7 +6,7 @@ import torch
 import eqprop
 from eqprop.estimators import BPTT, Estimate, Implicit
 from eqprop.reference import solvers as ref
-from equilibrium_fields import TanhLayer, one_thread  # noqa: F401  (autouse fixture)
+from equilibrium_fields import TanhLayer
 
 OPTS = dict(tol=1e-14, stop="abs", max_steps=2000)
 

@@ -8,7 +8,7 @@ import torch
 import eqprop
 from eqprop import _C
 from eqprop.reference import solvers as ref
-from equilibrium_fields import Linear, Scaled, TanhLayer, one_thread  # noqa: F401  (autouse fixture)
+from equilibrium_fields import Linear, Scaled, TanhLayer
 from testing import devices
 
 
@@ -369,7 +369,7 @@ def test_bad_inputs_raise_clear_errors():
         eqprop.fixed_point(f, x, backward="adjoint")
     with pytest.raises(ValueError, match="bptt_horizon must be an int >= 1 or None, got 0"):
         eqprop.fixed_point(f, x, backward="bptt", bptt_horizon=0)
-    with pytest.raises(RuntimeError, match="f\\(z, x\\) must return a torch.Tensor, got <class 'float'>"):
+    with pytest.raises(TypeError, match="f\\(z, x\\) must return a torch.Tensor, got <class 'float'>"):
         eqprop.relax(lambda z, x: 1.0, x)
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="z0 must be on the device of x"):
@@ -430,6 +430,8 @@ def test_drive_of_the_wrong_shape_is_rejected():
     x = torch.randn(3, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"drive\(z\) must return a tensor of the shape of z"):
         eqprop.relax(layer, x, drive=lambda z: -0.1 * z[:1])
+    with pytest.raises(TypeError, match=r"drive\(z\) must return a torch.Tensor"):
+        eqprop.relax(layer, x, drive=lambda z: 0.0)
 
 
 # --- check_every and the CUDA-graph switch (the graph itself: test_engine_cuda.py) -----------------

@@ -50,14 +50,60 @@ def tol(dtype: torch.dtype, n: int = 1, scale: float = 1.0, factor: float = 1.0)
     return float(factor * n * eps(dtype) * float(scale))
 
 
+def condition_scale(fn, tensors, rel=1e-7, draws=4, seed=0) -> float:
+    """max |fn(t ⊙ (1 + rel·s)) − fn(t)| / rel over a few random sign patterns s: how much a relative
+    perturbation of every input (real and imaginary parts separately) moves the result, to first order.
+
+    A rounding of size ε at each input moves fn by about ``ε · condition_scale``, and each stage of a
+    computation rounds its intermediates the same way; so ``tol(dtype, n=stages, scale=condition_scale)``
+    bounds a ``dtype`` evaluation of fn against the float64 / complex128 oracle. It grows where the
+    computation amplifies errors (cancellation, exp of a large argument, a LayerNorm near its branch
+    point) and nowhere else. fn takes and returns float64 / complex128 tensors; rel = 1e-7 keeps the
+    perturbation far above float64 rounding and in the linear regime.
+    Example: ``condition_scale(lambda a, b: a @ b, [a, b])``.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def perturb(t):
+        def one(r):
+            s = 2.0 * torch.randint(0, 2, r.shape, generator=g, dtype=r.dtype) - 1.0
+            return r * (1 + rel * s)
+
+        return torch.complex(one(t.real), one(t.imag)) if t.is_complex() else one(t)
+
+    with torch.no_grad():
+        base = fn(*tensors)
+        return max(float((fn(*[perturb(t) for t in tensors]) - base).abs().max()) for _ in range(draws)) / rel
+
+
 def fd_tol(h: float, noise: float, curvature: float, factor: float = 1.0) -> float:
     """Bound on the error of a central difference (f(θ + h) − f(θ − h)) / 2h as a derivative.
 
-    Truncation h²·|f'''|/6 (curvature bounds |f'''|) plus the evaluation error of f (noise: rounding,
-    or the tolerance a solver stopped at) amplified by 1/h.
+    Truncation: the leading term h²·|f'''|/6, with curvature an estimate of |f'''| (`third_difference`)
+    and a factor 6 because that estimate is taken at a coarser step and f''' varies; plus the
+    evaluation error of f (noise: rounding, or the tolerance a solver stopped at) amplified by 1/h.
     Example: ``fd_tol(1e-6, noise=1e-14, curvature=1.0)`` ≈ 1e-8.
     """
-    return float(factor * (h * h * curvature / 6 + noise / h))
+    return float(factor * (h * h * curvature + noise / h))
+
+
+def _along(fun, params, directions):
+    """g(t): fun(t) without params; with params, fun() with each p moved in place to p + t·d (restored)."""
+    if params is None:
+        return fun
+    params, directions = list(params), list(directions)
+
+    def g(t):
+        with torch.no_grad():
+            for p, d in zip(params, directions):
+                p.add_(t * d)
+            try:
+                return fun()
+            finally:
+                for p, d in zip(params, directions):
+                    p.sub_(t * d)
+
+    return g
 
 
 def central_difference(fun, h, params=None, directions=None):
@@ -69,25 +115,23 @@ def central_difference(fun, h, params=None, directions=None):
     restored afterwards.
     Example: ``central_difference(lambda t: torch.sin(x + t), 1e-6)`` ≈ cos(x).
     """
-    if params is None:
-        return (fun(h) - fun(-h)) / (2 * h)
-    params, directions = list(params), list(directions)
-    with torch.no_grad():
-        for p, d in zip(params, directions):
-            p.add_(h * d)
-        up = fun()
-        for p, d in zip(params, directions):
-            p.sub_(2 * h * d)
-        down = fun()
-        for p, d in zip(params, directions):
-            p.add_(h * d)
-    return (up - down) / (2 * h)
+    g = _along(fun, params, directions)
+    return (g(h) - g(-h)) / (2 * h)
+
+
+def third_difference(fun, H, params=None, directions=None):
+    """|g'''| estimated as |g(2H) − 2g(H) + 2g(−H) − g(−2H)| / 2H³ (max over entries), with g as in
+    `central_difference`: the curvature in `fd_tol`, measured at a step H where rounding is negligible.
+    Example: ``third_difference(lambda t: torch.sin(x + t), 1e-2)`` ≈ max |cos(x)|.
+    """
+    g = _along(fun, params, directions)
+    return float(torch.as_tensor(g(2 * H) - 2 * g(H) + 2 * g(-H) - g(-2 * H)).abs().max()) / (2 * abs(H) ** 3)
 
 
 def check(got, expected, bound, what=""):
     """Assert max |got − expected| <= bound (tensors or numbers); the error is recorded under
     ``EQPROP_TOL_LOG``."""
-    err = float((torch.as_tensor(got) - torch.as_tensor(expected)).abs().max())
+    err = float((torch.as_tensor(got) - torch.as_tensor(expected)).detach().abs().max())
     path = os.environ.get("EQPROP_TOL_LOG")
     if path:
         test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
