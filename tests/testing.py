@@ -47,7 +47,8 @@ def tol(dtype: torch.dtype, n: int = 1, scale: float = 1.0, factor: float = 1.0)
 
     Example: ``tol(torch.float32, n=64, scale=x.abs().sum())`` for a float32 dot product of length 64.
     """
-    return float(factor * n * eps(dtype) * float(scale))
+    scale = float(scale.detach().abs().max()) if isinstance(scale, torch.Tensor) else float(scale)
+    return factor * n * eps(dtype) * scale
 
 
 def condition_scale(fn, tensors, rel=1e-7, draws=4, seed=0) -> float:
