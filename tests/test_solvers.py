@@ -383,7 +383,8 @@ def test_bad_inputs_raise_clear_errors():
         eqprop.relax(f, x, z0=torch.zeros(0, 3, dtype=torch.float64))
     with pytest.raises(TypeError, match="f must be .* callable f\\(z, x\\); got int"):
         eqprop.relax(3, x)
-    with pytest.raises(TypeError, match=r"fixed_point: unknown relaxation option\(s\) \['tolerance'\]; valid options are"):
+    with pytest.raises(TypeError,
+                       match=r"fixed_point: unknown relaxation option\(s\) \['tolerance'\]; valid options are"):
         eqprop.fixed_point(f, x, tolerance=1e-3)
     with pytest.raises(ValueError, match="backward must be one of 'implicit', 'bptt', got 'adjoint'"):
         eqprop.fixed_point(f, x, backward="adjoint")
