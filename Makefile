@@ -5,13 +5,15 @@ PIP := $(PYTHON) -m pip
 .PHONY: setup setup-test demo test fast-test lint bench
 
 # What the installed eqprop was built from: a hash of the sources (tracked and untracked, not ignored;
-# every file when this is not a git checkout) and the location of the eqprop this Python imports.
+# every file when this is not a git checkout), the location of the eqprop this Python imports and the
+# time its extension was written (an install from elsewhere changes it).
 # `setup` rebuilds only when it differs from the stamp of the last install, or eqprop does not import.
 SOURCES := csrc python CMakeLists.txt pyproject.toml
 STAMP := build/install.stamp
 INSTALL_STATE = { { git ls-files -co --exclude-standard -- $(SOURCES) 2>/dev/null || find $(SOURCES) -type f; } \
 	| LC_ALL=C sort | xargs sha256sum 2>/dev/null; \
-	$(PYTHON) -c "import eqprop, sys; print(eqprop.__file__, sys.prefix)" 2>/dev/null || echo not-importable; } \
+	$(PYTHON) -c "import eqprop, os, sys; print(eqprop.__file__, sys.prefix, os.stat(eqprop._C.__file__).st_mtime_ns)" \
+	  2>/dev/null || echo not-importable; } \
 	| sha256sum
 
 # Keep an installed torch; otherwise install the pinned 2.13.0 (never an unpinned torch, which would

@@ -143,6 +143,12 @@ def test_bad_arguments():
         dg.nonnormality(f, x, z, dist="uniform")
     with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
         dg.symmetric_fraction(f, x, z, seed=-1)
+    wrong = lambda z, x: z[:, :2]  # noqa: E731
+    for fn in (dg.spectral_radius, dg.frobenius_sq):
+        with pytest.raises(ValueError, match=r"must return F\(z\) with the shape of z \[1, 3\], got \[1, 2\]"):
+            fn(wrong, x, z)
+    with pytest.raises(ValueError, match=r"must return F\(z\) with the shape of z"):
+        eqprop.solvers.as_field(wrong, x).jvp(z, z)
 
 
 def test_block_diagnostics_against_dense_jacobian():
