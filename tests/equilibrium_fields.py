@@ -1,6 +1,5 @@
 """Small vector fields with known Jacobians, shared by the engine tests."""
 
-import pytest
 import torch
 
 
@@ -42,12 +41,3 @@ class Scaled:
     def __call__(self, z, x):
         return self.s.reshape(-1, *([1] * (z.dim() - 1))) * z + x
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run engine tests on one intra-op thread: their tensors are tiny, and on a shared CPU extra
-    threads only add wake-up latency (seconds per test under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -41,8 +41,8 @@ class ModuleField : public AutogradField {
   at::Tensor eval(const at::Tensor& z) override {
     py::gil_scoped_acquire gil;
     py::object out = f_(z, x_);
-    TORCH_CHECK(THPVariable_Check(out.ptr()), "f(z, x) must return a torch.Tensor, got ",
-                std::string(py::str(py::type::of(out))));
+    TORCH_CHECK_TYPE(THPVariable_Check(out.ptr()), "f(z, x) must return a torch.Tensor, got ",
+                     std::string(py::str(py::type::of(out))));
     return py::cast<at::Tensor>(out);
   }
   std::vector<at::Tensor> parameters() override { return params_; }
@@ -144,7 +144,7 @@ static Binder bind_engine([](py::module_& m) {
           d = [fn](const at::Tensor& z) {
             py::gil_scoped_acquire gil;
             py::object out = (*fn)(z);
-            TORCH_CHECK(THPVariable_Check(out.ptr()), "drive(z) must return a torch.Tensor");
+            TORCH_CHECK_TYPE(THPVariable_Check(out.ptr()), "drive(z) must return a torch.Tensor");
             return py::cast<at::Tensor>(out);
           };
         }

@@ -100,8 +100,8 @@ std::pair<at::Tensor, at::Tensor> residual(VectorField& f, const at::Tensor& z) 
   check_point(f, z);
   c10::NoGradGuard no_grad;
   const at::Tensor fz = f.eval(z);
-  TORCH_CHECK(fz.sizes() == z.sizes(), "the vector field must return F(z) with the shape of z ", z.sizes(),
-              ", got ", fz.sizes());
+  TORCH_CHECK_VALUE(fz.sizes() == z.sizes(), "the vector field must return F(z) with the shape of z ",
+                    z.sizes(), ", got ", fz.sizes());
   const at::Tensor abs_res = sq_norm_per_sample(fz - z).sqrt();
   return {abs_res, abs_res / sq_norm_per_sample(fz).sqrt().clamp_min(kTiny)};
 }

@@ -100,8 +100,8 @@ class AutogradLinearization : public Linearization {
     at::AutoGradMode enable(true);
     z_ = z.detach().requires_grad_(true);
     fz_ = field_->eval(z_);
-    TORCH_CHECK(fz_.sizes() == z_.sizes(), "the vector field must return F(z) with the shape of z ",
-                z_.sizes(), ", got ", fz_.sizes());
+    TORCH_CHECK_VALUE(fz_.sizes() == z_.sizes(), "the vector field must return F(z) with the shape of z ",
+                      z_.sizes(), ", got ", fz_.sizes());
     params_ = field_->parameters();
   }
   const at::Tensor& point() const override { return z_; }
