@@ -24,9 +24,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (skipped without one; eqprop plugin)")
 
 
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked cuda)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 def pytest_runtest_setup(item):
-    if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device (marked cuda)")
     seed = item.config.getoption("eqprop_seed", None)
     if seed is not None:
         torch.manual_seed(seed)
