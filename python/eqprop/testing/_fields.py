@@ -64,8 +64,15 @@ def _fd_check(fld, z, v, jv, n, step):
     return err, bound, h
 
 
-def assert_field_consistent(f: Any, x: Optional[torch.Tensor], z: Optional[torch.Tensor] = None, *,
-                            holomorphic: Optional[bool] = None, probes: int = 2, seed: int = 0) -> None:
+def assert_field_consistent(
+    f: Any,
+    x: Optional[torch.Tensor],
+    z: Optional[torch.Tensor] = None,
+    *,
+    holomorphic: Optional[bool] = None,
+    probes: int = 2,
+    seed: int = 0,
+) -> None:
     """Assert that a vector field's products are the ones the engine assumes (docs/design.md §5).
 
     Checked at ``z`` ([B, ...], the field's state; default: a seeded standard-normal state shaped
@@ -94,8 +101,9 @@ def assert_field_consistent(f: Any, x: Optional[torch.Tensor], z: Optional[torch
         g0 = torch.Generator().manual_seed(seed + 7919)
         z = _randn_like(x, g0)
     if not isinstance(z, torch.Tensor) or z.dim() < 1 or not (z.is_floating_point() or z.is_complex()):
-        raise TypeError(f"z must be a float or complex [B, ...] tensor, got {type(z).__name__} "
-                        f"{getattr(z, 'dtype', '')}")
+        raise TypeError(
+            f"z must be a float or complex [B, ...] tensor, got {type(z).__name__} {getattr(z, 'dtype', '')}"
+        )
     if holomorphic is True and not z.is_complex():
         raise ValueError(f"holomorphic=True needs a complex state z, got {z.dtype}")
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
@@ -113,23 +121,31 @@ def assert_field_consistent(f: Any, x: Optional[torch.Tensor], z: Optional[torch
             failures.append(
                 f"adjoint (the VJP is not the plain transpose of the JVP): probe {p}: <u, Jv> = {lhs:.6g}, "
                 f"<J^T u, v> = {rhs:.6g}, |difference| {err:.3g} > bound {bound:.3g}"
-                + (" (a complex field's VJP must be J^T u, not the conjugate transpose J^H u, and a "
-                   "non-holomorphic F has no complex J)" if z.is_complex() else ""))
+                + (
+                    " (a complex field's VJP must be J^T u, not the conjugate transpose J^H u, and a "
+                    "non-holomorphic F has no complex J)"
+                    if z.is_complex()
+                    else ""
+                )
+            )
             break
 
     v = _randn_like(z, g)
     jv = fld.jvp(z, v).detach()
     err, bound, h = _fd_check(fld, z, v, jv, n, 1.0)
     if not err <= bound:
-        failures.append(f"finite differences: max |Jv - (F(z+hv) - F(z-hv))/2h| = {err:.3g} > bound "
-                        f"{bound:.3g} (h = {h:.2g})")
+        failures.append(
+            f"finite differences: max |Jv - (F(z+hv) - F(z-hv))/2h| = {err:.3g} > bound {bound:.3g} (h = {h:.2g})"
+        )
 
     if holomorphic is not False and z.is_complex():
         err, bound, h = _fd_check(fld, z, v, jv, n, 1j)
         if not err <= bound:
-            failures.append(f"holomorphic: max |Jv - (F(z+ihv) - F(z-ihv))/2ih| = {err:.3g} > bound "
-                            f"{bound:.3g} (h = {h:.2g}); F depends on conj(z) (abs, real/imag parts, "
-                            f"|z|^2 ...), so complex-step and holomorphic-EP estimates are wrong")
+            failures.append(
+                f"holomorphic: max |Jv - (F(z+ihv) - F(z-ihv))/2ih| = {err:.3g} > bound "
+                f"{bound:.3g} (h = {h:.2g}); F depends on conj(z) (abs, real/imag parts, "
+                f"|z|^2 ...), so complex-step and holomorphic-EP estimates are wrong"
+            )
 
     if B > 1:
         fz = fld.eval(z).detach()
@@ -137,7 +153,7 @@ def assert_field_consistent(f: Any, x: Optional[torch.Tensor], z: Optional[torch
         worst = (0.0, -1, -1)
         for b in range(min(B, 4)):
             dz = torch.zeros_like(z)
-            d = _randn_like(z[b:b + 1], g)[0]
+            d = _randn_like(z[b : b + 1], g)[0]
             dz[b] = d * (1.0 + float(z[b].abs().max())) / float(d.abs().max())
             change = _per_sample(fld.eval(z + dz).detach() - fz).abs().amax(1).cpu()
             change[b] = 0.0
@@ -145,14 +161,17 @@ def assert_field_consistent(f: Any, x: Optional[torch.Tensor], z: Optional[torch
             if c > worst[0]:
                 worst = (c, b, other)
         if worst[0] > bound:
-            failures.append(f"separable: perturbing sample {worst[1]} of z changed sample {worst[2]} of F "
-                            f"by {worst[0]:.3g} > bound {bound:.3g} (the field mixes samples, e.g. a "
-                            f"batch mean or batch norm)")
+            failures.append(
+                f"separable: perturbing sample {worst[1]} of z changed sample {worst[2]} of F "
+                f"by {worst[0]:.3g} > bound {bound:.3g} (the field mixes samples, e.g. a "
+                f"batch mean or batch norm)"
+            )
 
     if failures:
-        raise AssertionError(f"field {type(f).__name__} at z {tuple(z.shape)} {z.dtype}: "
-                             f"{len(failures)} propert{'y' if len(failures) == 1 else 'ies'} broke:\n  - "
-                             + "\n  - ".join(failures))
+        raise AssertionError(
+            f"field {type(f).__name__} at z {tuple(z.shape)} {z.dtype}: "
+            f"{len(failures)} propert{'y' if len(failures) == 1 else 'ies'} broke:\n  - " + "\n  - ".join(failures)
+        )
 
 
 def _table(header, rows, mark):
@@ -181,17 +200,29 @@ def assert_converged(info, *, tol: Optional[float] = None, stop: str = "rel", ma
         return
     idx = bad.nonzero().flatten().tolist()
     names = info.status_names
-    rows = [(str(b), names[b], str(int(info.steps[b])), f"{float(info.abs_lowest[b]):.3g}",
-             f"{float(info.rel_lowest[b]):.3g}") for b in idx[:max_rows]]
+    rows = [
+        (
+            str(b),
+            names[b],
+            str(int(info.steps[b])),
+            f"{float(info.abs_lowest[b]):.3g}",
+            f"{float(info.rel_lowest[b]):.3g}",
+        )
+        for b in idx[:max_rows]
+    ]
     more = f"\n  ... and {len(idx) - max_rows} more" if len(idx) > max_rows else ""
     raise AssertionError(
         f"{len(idx)} of {bad.numel()} samples did not converge"
-        + (f" to {stop} residual <= {tol:.3g}" if tol is not None else "") + ":\n"
-        + _table(["sample", "status", "steps", "abs_res", "rel_res"], rows, [False] * len(rows)) + more)
+        + (f" to {stop} residual <= {tol:.3g}" if tol is not None else "")
+        + ":\n"
+        + _table(["sample", "status", "steps", "abs_res", "rel_res"], rows, [False] * len(rows))
+        + more
+    )
 
 
-def assert_contractive(f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, rho_max: float = 1.0,
-                       iters: int = 100, seed: int = 0) -> None:
+def assert_contractive(
+    f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, rho_max: float = 1.0, iters: int = 100, seed: int = 0
+) -> None:
     """Assert that the spectral radius ρ(J) at z is at most ``rho_max`` in every sample.
 
     ρ per sample by power iteration on JVPs (``eqprop.diagnostics.spectral_radius``, docs/design.md
@@ -205,6 +236,8 @@ def assert_contractive(f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, rh
     if not bool(bad.any()):
         return
     rows = [(str(b), f"{float(r):.4f}") for b, r in enumerate(rho.tolist())]
-    raise AssertionError(f"spectral radius above rho_max = {rho_max:g} in {int(bad.sum())} of {rho.numel()} "
-                         f"samples (max {float(rho.max()):.4f}, power iteration, {iters} JVPs):\n"
-                         + _table(["sample", "rho"], rows, bad.tolist()))
+    raise AssertionError(
+        f"spectral radius above rho_max = {rho_max:g} in {int(bad.sum())} of {rho.numel()} "
+        f"samples (max {float(rho.max()):.4f}, power iteration, {iters} JVPs):\n"
+        + _table(["sample", "rho"], rows, bad.tolist())
+    )

@@ -16,8 +16,9 @@ __all__ = ["assert_grads_close"]
 def _grads(e: Any, which: str) -> dict:
     g = getattr(e, "grads", e)
     if not isinstance(g, Mapping):
-        raise TypeError(f"{which} must be an eqprop.estimators.Estimate or a dict name -> Tensor, "
-                        f"got {type(e).__name__}")
+        raise TypeError(
+            f"{which} must be an eqprop.estimators.Estimate or a dict name -> Tensor, got {type(e).__name__}"
+        )
     for n, t in g.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{which}[{n!r}] must be a Tensor, got {type(t).__name__}")
@@ -37,9 +38,15 @@ def _real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t.resolve_conj()).reshape(-1).double() if t.is_complex() else t.double()
 
 
-def assert_grads_close(a: Any, b: Any, *, cos_min: Optional[float] = None, rtol: Optional[float] = None,
-                       atol: Optional[float] = None,
-                       groups: Union[None, Mapping[str, str], Callable[[str], str]] = None) -> None:
+def assert_grads_close(
+    a: Any,
+    b: Any,
+    *,
+    cos_min: Optional[float] = None,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    groups: Union[None, Mapping[str, str], Callable[[str], str]] = None,
+) -> None:
     """Assert that gradient estimate ``a`` agrees with the reference ``b``, parameter by parameter.
 
     Args:
@@ -60,8 +67,9 @@ def assert_grads_close(a: Any, b: Any, *, cos_min: Optional[float] = None, rtol:
     """
     ga, gb = _grads(a, "a"), _grads(b, "b")
     if set(ga) != set(gb):
-        raise AssertionError(f"parameter names differ: only in a {sorted(set(ga) - set(gb))}, "
-                             f"only in b {sorted(set(gb) - set(ga))}")
+        raise AssertionError(
+            f"parameter names differ: only in a {sorted(set(ga) - set(gb))}, only in b {sorted(set(gb) - set(ga))}"
+        )
     for n in ga:
         if ga[n].shape != gb[n].shape:
             raise AssertionError(f"{n}: shape {tuple(ga[n].shape)} in a, {tuple(gb[n].shape)} in b")
@@ -104,7 +112,7 @@ def assert_grads_close(a: Any, b: Any, *, cos_min: Optional[float] = None, rtol:
                 if j < off + size:
                     k = (j - off) // 2 if t.is_complex() else j - off
                     idx = [int(i) for i in torch.unravel_index(torch.tensor(k), t.shape)] if t.dim() else []
-                    part = ("" if not t.is_complex() else ".imag" if (j - off) % 2 else ".real")
+                    part = "" if not t.is_complex() else ".imag" if (j - off) % 2 else ".real"
                     worst = f"{n}[{', '.join(map(str, idx))}]{part}: {float(xa[j]):.4g} vs {float(xb[j]):.4g}"
                     break
                 off += size
@@ -116,6 +124,7 @@ def assert_grads_close(a: Any, b: Any, *, cos_min: Optional[float] = None, rtol:
         fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
         lines = [fmt(header)] + [fmt(r) + (f"  <-- FAIL: {why}" if why else "") for r, why in zip(rows, reasons)]
         nfail = sum(1 for r in reasons if r)
-        raise AssertionError(f"gradients differ in {nfail} of {len(rows)} "
-                             f"{'groups' if groups is not None else 'parameters'} (a vs reference b):\n"
-                             + "\n".join(lines))
+        raise AssertionError(
+            f"gradients differ in {nfail} of {len(rows)} "
+            f"{'groups' if groups is not None else 'parameters'} (a vs reference b):\n" + "\n".join(lines)
+        )

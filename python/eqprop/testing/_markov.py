@@ -52,8 +52,7 @@ def _masked_gap(model: torch.Tensor, bayes: torch.Tensor, mask: torch.Tensor):
     return gap, se, int(cnt.sum())
 
 
-def _gap_breakdown(model: torch.Tensor, bayes: torch.Tensor, tokens: torch.Tensor, k: int,
-                   vocab_size: int) -> list:
+def _gap_breakdown(model: torch.Tensor, bayes: torch.Tensor, tokens: torch.Tensor, k: int, vocab_size: int) -> list:
     """Rows (label, gap, se, positions) by position thirds of [k, L) and by context visits."""
     B, L = tokens.shape
     rows = []
@@ -70,9 +69,18 @@ def _gap_breakdown(model: torch.Tensor, bayes: torch.Tensor, tokens: torch.Tenso
     return rows
 
 
-def assert_markov_gap(model_nll_fn: Callable[[torch.Tensor], torch.Tensor], k: int, *, max_gap_pct: float,
-                      n_sequences: int, seed: int, vocab_size: int = 2, alpha: float = 1.0,
-                      seq_len: Optional[int] = None, device="cpu") -> None:
+def assert_markov_gap(
+    model_nll_fn: Callable[[torch.Tensor], torch.Tensor],
+    k: int,
+    *,
+    max_gap_pct: float,
+    n_sequences: int,
+    seed: int,
+    vocab_size: int = 2,
+    alpha: float = 1.0,
+    seq_len: Optional[int] = None,
+    device="cpu",
+) -> None:
     """Assert that a model's NLL is within ``max_gap_pct`` percent of the exact Bayes NLL on the
     Markov-k benchmark (docs/design.md §8), judged with the standard error.
 
@@ -94,12 +102,15 @@ def assert_markov_gap(model_nll_fn: Callable[[torch.Tensor], torch.Tensor], k: i
         raise TypeError(f"model_nll_fn must be callable tokens [B, L] -> NLL [B, L], got {type(model_nll_fn).__name__}")
     if isinstance(n_sequences, bool) or not isinstance(n_sequences, int) or n_sequences < 2:
         raise ValueError(f"n_sequences must be an int >= 2 (the standard error needs two), got {n_sequences!r}")
-    tokens = markov.sample(n_sequences, k, seq_len=seq_len, vocab_size=vocab_size, alpha=alpha, seed=seed,
-                           device=device)
+    tokens = markov.sample(
+        n_sequences, k, seq_len=seq_len, vocab_size=vocab_size, alpha=alpha, seed=seed, device=device
+    )
     nll = model_nll_fn(tokens)
     if not isinstance(nll, torch.Tensor) or nll.shape != tokens.shape:
-        raise ValueError(f"model_nll_fn(tokens) must return a tensor of the tokens' shape {tuple(tokens.shape)}, "
-                         f"got {type(nll).__name__} {tuple(getattr(nll, 'shape', ()))}")
+        raise ValueError(
+            f"model_nll_fn(tokens) must return a tensor of the tokens' shape {tuple(tokens.shape)}, "
+            f"got {type(nll).__name__} {tuple(getattr(nll, 'shape', ()))}"
+        )
     nll = nll.detach().double()
     bayes = markov.bayes_nll(tokens, k, vocab_size=vocab_size, alpha=alpha, dtype=torch.float64).to(nll.device)
     gap, se = markov.gap_pct(nll, bayes, k)
@@ -112,4 +123,5 @@ def assert_markov_gap(model_nll_fn: Callable[[torch.Tensor], torch.Tensor], k: i
         f"Markov-{k} gap to Bayes {gap:+.2f}% ± {se:.2f} (SE, {n_sequences} sequences, L = {tokens.shape[1]}, "
         f"seed {seed}): gap - 2 SE = {gap - 2 * se:.2f}% > max_gap_pct = {max_gap_pct}%\n"
         f"  model NLL {float(nll[:, k:].mean()):.4f} vs Bayes {float(bayes[:, k:].mean()):.4f} nats/token\n"
-        + "\n".join(lines))
+        + "\n".join(lines)
+    )

@@ -16,8 +16,13 @@ import torch
 
 def pytest_addoption(parser):
     group = parser.getgroup("eqprop")
-    group.addoption("--eqprop-seed", type=int, default=None, metavar="N",
-                    help="eqprop: seed torch with N (torch.manual_seed) before every test")
+    group.addoption(
+        "--eqprop-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="eqprop: seed torch with N (torch.manual_seed) before every test",
+    )
 
 
 def pytest_configure(config):
