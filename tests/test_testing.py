@@ -93,6 +93,13 @@ def test_field_consistent_passes_on_correct_fields(dtype):
 def test_field_consistent_passes_on_holomorphic_field(dtype):
     x = torch.randn(3, 6, dtype=dtype, generator=torch.Generator().manual_seed(1))
     assert_field_consistent(ComplexTanh(6, dtype), x, holomorphic=True)
+    # the block on a complex state near the real axis (where holomorphic EP evaluates it; far from it
+    # the complex LayerNorm approaches its branch point)
+    torch.manual_seed(0)
+    block = eqprop.EquilibriumBlock(8, 2, dtype=dtype.to_real())
+    g = torch.Generator().manual_seed(3)
+    c = lambda: torch.complex(torch.randn(2, 5, 8, generator=g), 0.3 * torch.randn(2, 5, 8, generator=g)).to(dtype)
+    assert_field_consistent(block, c(), c(), holomorphic=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
