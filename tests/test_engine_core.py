@@ -20,14 +20,6 @@ from eqprop import _C
 from eqprop.reference import block as ref
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- RelaxOptions: one class, defaults and checks in C++ ------------------------------------------
 
 def test_relax_options_is_the_bound_class():

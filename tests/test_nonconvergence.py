@@ -14,7 +14,7 @@ import eqprop
 from eqprop import estimators
 from eqprop.solvers import min_rel_tol
 
-from equilibrium_fields import Linear, Scaled, TanhLayer, one_thread  # noqa: F401  (autouse fixture)
+from equilibrium_fields import Linear, Scaled, TanhLayer
 
 
 def _scaled_rel_residual(s: float, k: int) -> float:

@@ -25,14 +25,6 @@ TINY = dict(k=1, seq_len=64, n_layer=1, n_head=2, d_model=16, batch_size=8, lr=3
             device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- configs -----------------------------------------------------------------------------------------
 
 def test_constructor_rejects_unknown_keys_listing_the_valid_ones():

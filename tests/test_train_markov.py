@@ -23,16 +23,6 @@ from eqprop.train.ladder import ladder
 #: The visit count the breakdowns use (the C++ op when the build has it).
 context_visits = getattr(markov, "context_visits", None) or markov._context_visits_py
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are too small to gain from intra-op threads, and on a shared 2-core machine two OpenMP
-    threads contending with other processes run many times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # A model small enough that a few steps take well under a second on CPU.
 TINY = dict(k=1, seq_len=64, n_layer=1, n_head=2, d_model=16, batch_size=8, lr=3e-3, warmup_steps=2,
             eval_every=4, eval_batches=2, eval_batch_size=8, final_eval_batches=2, log_every=1, progress=False,
