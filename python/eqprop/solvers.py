@@ -39,9 +39,6 @@ log = logging.getLogger(__name__)
 #: Per-sample status codes in ``RelaxInfo.status`` (int8), same order as the C++ enum.
 STATUS_NAMES = ("converged", "max_steps", "diverged")
 
-#: Values of the ``on_nonconvergence`` option.
-ON_NONCONVERGENCE = ("warn", "raise", "ignore")
-
 
 class NonConvergenceWarning(UserWarning):
     """A relaxation or adjoint solve ended above its tolerance for some sample (status
