@@ -1,4 +1,4 @@
-"""Plain PyTorch Markov-k formulas (DESIGN.md §8): the oracle for the C++ kernels in eqprop.markov.
+"""Plain PyTorch Markov-k formulas (docs/design.md §8): the oracle for the C++ kernels in eqprop.markov.
 
 Each function follows the formula in the most direct way: one time step at a time, vectorized only
 over the batch.
@@ -69,3 +69,14 @@ def context_counts(tokens: torch.Tensor, k: int, vocab_size: int = 2, per_symbol
     for t in range(k, L):
         counts[rows, ctx[:, t - k], tokens[:, t]] += 1
     return counts if per_symbol else counts.sum(-1)
+
+
+def context_visits(tokens: torch.Tensor, k: int, vocab_size: int = 2) -> torch.Tensor:
+    """[B, L] int64: visits[b, t] = #{s in [k, t) : c_s == c_t}, -1 for t < k (compared directly)."""
+    B, L = tokens.shape
+    visits = torch.full((B, L), -1, dtype=torch.long, device=tokens.device)
+    ctx = context_index(tokens, k, vocab_size)
+    for t in range(k, L):
+        j = t - k
+        visits[:, t] = (ctx[:, :j] == ctx[:, j : j + 1]).sum(1)
+    return visits
