@@ -114,13 +114,14 @@ at::Tensor context_index(const at::Tensor& tokens, int64_t k, int64_t vocab_size
 }
 
 // Each row of tables [B, V^k, V] must be a probability vector: finite entries >= 0 summing to 1.
-// A row rounded to the tables' dtype from an exact one has |Σ − 1| <= V·eps/2 (each entry carries
-// a relative error <= eps/2; the sum is taken in float64); the bound 8·V·eps leaves >= 16x room.
+// A row rounded to float32 from an exact one has |Σ − 1| <= V·eps32/2 (each entry carries a
+// relative error <= eps32/2; the sum is taken in float64). The bound 8·V·eps32 leaves 16x room and
+// holds for both dtypes, so float32 tables cast to float64 (sample's default dtype, then .double())
+// pass; a float64 table is not held to its own, 2^29 times finer, rounding.
 void check_probability_rows(const at::Tensor& tables) {
   if (tables.numel() == 0) return;
   const int64_t n_ctx = tables.size(1), V = tables.size(2);
-  const double eps = tables.scalar_type() == at::kFloat ? std::numeric_limits<float>::epsilon()
-                                                        : std::numeric_limits<double>::epsilon();
+  const double eps = std::numeric_limits<float>::epsilon();
   const double tol = 8.0 * static_cast<double>(V) * eps;
   const at::Tensor sums = tables.sum(-1, /*keepdim=*/false, at::kDouble);  // [B, V^k]
   const at::Tensor bad = tables.isfinite().logical_not().logical_or_(tables.lt(0)).any(-1).logical_or_(
@@ -135,7 +136,7 @@ void check_probability_rows(const at::Tensor& tables) {
   for (int64_t a = 0; a < std::min<int64_t>(V, 8); ++a) values << (a ? ", " : "") << p[a];
   if (V > 8) values << ", ...";
   TORCH_CHECK_VALUE(false, "tables must hold a probability vector in every row (entries finite and >= 0, ",
-                    "summing to 1 within ", tol, " for ", tables.scalar_type(), "), but ", n_bad, " of ",
+                    "summing to 1 within ", tol, " = 8·V·eps(float32)), but ", n_bad, " of ",
                     sums.numel(), " rows are not; the first is tables[", b, ", ", c, "] = [",
                     values.str(), "] with sum ", sums[b][c].item<double>());
 }

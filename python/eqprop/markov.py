@@ -151,7 +151,8 @@ def oracle_nll(tokens: torch.Tensor, tables: torch.Tensor, k: int) -> torch.Tens
     Args:
         tokens: ``[B, L]`` int64; tables: ``[B, V^k, V]`` float32/float64 (as from ``sample(...,
         return_tables=True)``), on the tokens' device. Every row ``tables[b, c]`` must be a
-        probability vector (finite entries >= 0 summing to 1 within ``8 V eps`` of the dtype),
+        probability vector (finite entries >= 0 summing to 1 within ``8 V eps`` of float32, so
+        float32 tables cast to float64 pass),
         else ValueError.
 
     Returns:
