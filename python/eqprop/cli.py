@@ -44,8 +44,8 @@ def _markov_bayes(args: argparse.Namespace) -> int:
               f"{(f'{anchor:.4f}' if anchor is not None else '-'):>7} "
               f"{(f'{z:+.1f}' if z is not None else '-'):>6} {cov['p5']:>9.0f} {cov['frac_lt10']:>10.3f} "
               f"{cov['frac_unvisited']:>9.3f} {secs:>6.2f}")
-    print("z = (measured - anchor) / sqrt(SE^2 + SE_anchor^2); |z| < 3 agrees with the anchor. Visits count, per sequence, "
-          "how often each of the V^k contexts precedes a target.")
+    print("z = (measured - anchor) / sqrt(SE^2 + SE_anchor^2); |z| < 3 agrees with the anchor. "
+          "Visits count, per sequence, how often each of the V^k contexts precedes a target.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -48,12 +48,12 @@ class BayesAnchor(NamedTuple):
 #: ``bayes_nll`` (benchmarks/bayes_anchors.py, benchmarks/results/bayes_anchors.json; docs/design.md §8).
 #: Example: ``BAYES_NLL_ANCHORS[3].nll``
 BAYES_NLL_ANCHORS: dict[int, BayesAnchor] = {
-    1: BayesAnchor(0.0, 0.0),  # PENDING
-    2: BayesAnchor(0.0, 0.0),
-    3: BayesAnchor(0.0, 0.0),
-    4: BayesAnchor(0.0, 0.0),
-    5: BayesAnchor(0.0, 0.0),
-    6: BayesAnchor(0.0, 0.0),
+    1: BayesAnchor(0.49967, 0.00017),
+    2: BayesAnchor(0.48780, 0.00014),
+    3: BayesAnchor(0.48780, 0.00012),
+    4: BayesAnchor(0.49149, 0.000095),
+    5: BayesAnchor(0.49786, 0.000075),
+    6: BayesAnchor(0.50344, 0.000058),
 }
 
 
