@@ -1,4 +1,4 @@
-"""Markov-k benchmark: exact Bayes NLL, oracle NLL, log evidence, sampler statistics (DESIGN.md §8)."""
+"""Markov-k benchmark: exact Bayes NLL, oracle NLL, log evidence, sampler statistics (docs/design.md §8)."""
 
 import math
 from fractions import Fraction
@@ -106,7 +106,8 @@ def test_sample_shapes_and_determinism(device):
     torch.manual_seed(0)
     assert torch.equal(a, markov.sample(3, 1, device=device))
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(markov.sample(3, 1, generator=g1, device=device), markov.sample(3, 1, generator=g2, device=device))
+    a, b = markov.sample(3, 1, generator=g1, device=device), markov.sample(3, 1, generator=g2, device=device)
+    assert torch.equal(a, b)
 
 
 def _transition_chi2(tokens, tables, k):
@@ -175,12 +176,15 @@ def test_first_k_tokens_uniform(device):
     assert stats.chisquare(torch.bincount(joint, minlength=V**k).double().numpy()).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
 def test_monte_carlo_bayes_nll_matches_anchors(k):
+    """2000 fresh sequences against the anchor: the difference of two independent means has SD
+    sqrt(SE_fresh^2 + SE_anchor^2) (a coarse check; tests/test_markov_anchors.py has the tight one)."""
     x = markov.sample(2000, k, seed=1000 + k)
     per_seq = markov.bayes_nll(x, k, dtype=torch.float64)[:, k:].mean(1)
     se = per_seq.std().item() / math.sqrt(per_seq.numel())
-    assert abs(per_seq.mean().item() - markov.BAYES_NLL_ANCHORS[k]) < 3 * se
+    anchor = markov.BAYES_NLL_ANCHORS[k]
+    assert abs(per_seq.mean().item() - anchor.nll) < 3 * math.hypot(se, anchor.se)
 
 
 # ---- gap_pct and coverage -------------------------------------------------------------------------
@@ -203,9 +207,9 @@ def test_gap_pct_closed_form():
 
 
 def test_gap_pct_of_known_predictors():
-    """Reading a gap (DESIGN.md §8): Bayes with the wrong prior or order, and uniform, on Bayes' scale.
+    """Reading a gap (docs/design.md §8): Bayes with the wrong prior or order, and uniform, on Bayes' scale.
 
-    The anchors are rounded in DESIGN.md; the tolerance is that rounding or 3 SE, whichever is larger.
+    The anchors are rounded in docs/markov.md; the tolerance is that rounding or 3 SE, whichever is larger.
     """
     k = 3
     x = markov.sample(2000, k, seed=8)
@@ -217,10 +221,19 @@ def test_gap_pct_of_known_predictors():
     ]:
         gap, se = markov.gap_pct(predictor, bayes, k)
         assert 0 < se < 0.5 and abs(gap - anchor) < max(3 * se, rounding)
-    x1 = markov.sample(4000, 1, seed=9)  # uniform: +38% (at k = 1)
-    bayes1 = markov.bayes_nll(x1, 1, dtype=torch.float64)
-    gap, se = markov.gap_pct(torch.full_like(bayes1, math.log(2)), bayes1, 1)
-    assert abs(gap - 38) < max(3 * se, 0.5)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_uniform_gap_follows_the_anchor(k):
+    """The uniform predictor (ln 2 per token) sits at 100 (ln 2 / anchor - 1) percent above Bayes;
+    the anchor's SE moves that by 100 ln 2 SE / anchor^2, independent of the fresh sample's SE."""
+    x = markov.sample(4000 if k == 1 else 1000, k, seed=9)
+    bayes = markov.bayes_nll(x, k, dtype=torch.float64)
+    gap, se = markov.gap_pct(torch.full_like(bayes, math.log(2)), bayes, k)
+    anchor = markov.BAYES_NLL_ANCHORS[k]
+    expected = 100 * (math.log(2) / anchor.nll - 1)
+    se_expected = 100 * math.log(2) * anchor.se / anchor.nll**2
+    assert abs(gap - expected) < 3 * math.hypot(se, se_expected)
 
 
 def test_context_coverage_summary():
@@ -242,3 +255,55 @@ def test_opcheck():
     torch.library.opcheck(ops.markov_oracle_nll, (x, tables, 2))
     torch.library.opcheck(ops.markov_log_evidence, (x, 2, 2, 1.0))
     torch.library.opcheck(ops.markov_context_counts, (x, 2, 2))
+    torch.library.opcheck(ops.markov_context_visits, (x, 2, 2))
+
+
+# ---- context visits ---------------------------------------------------------------------------------
+
+def test_context_visits_docstring_example():
+    # k=1: contexts of t=1..4 are x_0..x_3 = 0,1,0,1: the 0 at t=3 and the 1 at t=4 were seen once.
+    assert markov.context_visits(torch.tensor([[0, 1, 0, 1, 0]]), 1).tolist() == [[-1, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("k, V, L", [(1, 2, 50), (2, 3, 40), (3, 2, 64), (4, 4, 30)])
+def test_context_visits_agree_with_reference(k, V, L, device):
+    x = markov.sample(5, k, seq_len=L, vocab_size=V, seed=k + V).to(device)
+    visits = markov.context_visits(x, k, vocab_size=V)
+    assert visits.dtype == torch.long and visits.device == x.device
+    assert torch.equal(visits.cpu(), ref.context_visits(x.cpu(), k, V))
+
+
+def test_context_visits_end_in_the_context_counts():
+    """The last visit count of each context plus one is its total count (over targets t >= k)."""
+    k = 3
+    x = markov.sample(4, k, seed=2)
+    visits = markov.context_visits(x, k)
+    counts, _ = markov.context_coverage(x, k)
+    ctx = ref.context_index(x, k, 2)
+    final = torch.zeros_like(counts).scatter_reduce(1, ctx, visits[:, k:] + 1, "amax")
+    assert torch.equal(final, counts)
+
+
+# ---- views and layouts are accepted --------------------------------------------------------------
+
+@pytest.mark.parametrize("device", devices)
+def test_ops_accept_views(device):
+    """A prefix x[:, :100], a strided slice and a transposed copy give the answers of their contiguous copies."""
+    k = 2
+    x, tables = markov.sample(6, k, seed=5, return_tables=True, dtype=torch.float64)
+    x, tables = x.to(device), tables.to(device)
+    views = [x[:, :100], x[:, ::3], x.t().contiguous().t(), x[1::2]]
+    for v in views:
+        assert not v.is_contiguous()
+        c = v.contiguous()
+        assert torch.equal(markov.bayes_nll(v, k), markov.bayes_nll(c, k))
+        assert torch.equal(markov.log_evidence(v, k), markov.log_evidence(c, k))
+        assert torch.equal(markov.context_coverage(v, k)[0], markov.context_coverage(c, k)[0])
+        assert torch.equal(markov.context_visits(v, k), markov.context_visits(c, k))
+        t = tables[: v.shape[0]] if v.shape[0] == tables.shape[0] else tables[1::2]
+        assert torch.equal(markov.oracle_nll(v, t, k), markov.oracle_nll(c, t, k))
+    # non-contiguous tables: a transposed view of a [B, V, V^k] layout
+    tt = tables.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not tt.is_contiguous()
+    assert torch.equal(markov.oracle_nll(x, tt, k), markov.oracle_nll(x, tables, k))

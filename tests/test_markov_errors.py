@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from eqprop import markov
 from eqprop.reference import markov as ref
 
-CLEAN = (ValueError, RuntimeError, TypeError)
+CLEAN = (ValueError, TypeError)  # a RuntimeError is not a clean error: it is what a crash looks like
 
 
 @pytest.mark.parametrize(
@@ -25,11 +25,24 @@ CLEAN = (ValueError, RuntimeError, TypeError)
         (lambda x: markov.bayes_nll(x[:, :2].contiguous(), 2), "need L > k, got L=2, k=2"),
         (lambda x: markov.bayes_nll(x, 40), "too large .* vocab_size=2, k=40"),
         (lambda x: markov.bayes_nll(x[0], 2), r"tokens must be \[B, L\], got shape \[400\]"),
-        (lambda x: markov.bayes_nll(x[:, ::2], 2), "tokens must be contiguous"),
+        # L <= k is reported before the layout is looked at (a non-contiguous view of length 2)
+        (lambda x: markov.bayes_nll(x[:, :4:2], 2), "need L > k, got L=2, k=2"),
+        (lambda x: markov.context_visits(x[:, ::200], 2), "need L > k, got L=2, k=2"),
+        (lambda x: markov.context_visits(x + 1, 2), r"tokens must lie in \[0, vocab_size=2\)"),
+        (lambda x: markov.context_visits(x, 0), "k .* must be >= 1, got 0"),
+        (lambda x: markov.context_visits(x.int(), 2), "tokens must be int64"),
         (lambda x: markov.bayes_nll(x, 2, dtype=torch.int32), "dtype must be torch.float32 or torch.float64"),
         (lambda x: markov.oracle_nll(x, torch.rand(2, 3, 2), 2), r"tables must be \[B, V\^k, V\] = \[2, 4, 2\]"),
         (lambda x: markov.oracle_nll(x, torch.rand(2, 4, 2).int(), 2), "tables dtype"),
-        (lambda x: markov.oracle_nll(x, torch.rand(2, 2, 4).transpose(1, 2), 2), "tables must be contiguous"),
+        # rows that are not probability vectors
+        (lambda x: markov.oracle_nll(x, torch.zeros(2, 4, 2), 2),
+         r"probability vector .* 8 of 8 rows .* tables\[0, 0\] = \[0, 0\] with sum 0"),
+        (lambda x: markov.oracle_nll(x, _rows(x, 1, 0, [1.5, -0.5]), 2),
+         r"1 of 8 rows .* tables\[1, 0\] = \[1.5, -0.5\]"),
+        (lambda x: markov.oracle_nll(x, _rows(x, 0, 3, [math.nan, 1.0]), 2),
+         r"1 of 8 rows .* tables\[0, 3\] = \[nan, 1\]"),
+        (lambda x: markov.oracle_nll(x, _rows(x, 0, 2, [0.5, 0.6]), 2), r"tables\[0, 2\] = \[0.5, 0.6\] with sum 1.1"),
+        (lambda x: markov.oracle_nll(x, _rows(x, 0, 1, [math.inf, 0.0]), 2), r"tables\[0, 1\] = \[inf, 0\]"),
         (lambda x: markov.log_evidence(x, 2, alpha=math.nan), "alpha"),
         (lambda x: markov.context_coverage(x, 2, vocab_size=1), "vocab_size must be >= 2"),
         (lambda x: markov.gap_pct(torch.rand(3, 4), torch.rand(3, 5), 1), "one shape"),
@@ -48,6 +61,38 @@ def test_bad_input_message(call, match):
     x = markov.sample(2, 2, seed=0)
     with pytest.raises(CLEAN, match=match):
         call(x)
+
+
+def _rows(x, b, c, row, dtype=torch.float64):
+    """Valid uniform tables for x (k=2, V=2) with row tables[b, c] replaced."""
+    tables = torch.full((x.shape[0], 4, 2), 0.5, dtype=dtype)
+    tables[b, c] = torch.tensor(row, dtype=dtype)
+    return tables
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_oracle_accepts_rows_rounded_to_float32(dtype):
+    """Rows normalized in float64 and rounded to float32 pass (also when cast back to float64);
+    a row sum off by 100 V eps(float32), 12x the bound, is rejected."""
+    x, tables = markov.sample(64, 3, vocab_size=5, seed=1, return_tables=True)
+    tables = tables.to(dtype)
+    markov.oracle_nll(x, tables, 3)
+    # zero entries are probabilities too (a never-taken transition)
+    sparse = torch.zeros(1, 2, 2, dtype=dtype)
+    sparse[0, :, 1] = 1
+    assert torch.equal(markov.oracle_nll(torch.ones(1, 5, dtype=torch.long), sparse, 1)[0, 1:],
+                       torch.zeros(4, dtype=dtype))
+    bad = tables.clone()
+    bad[3, 7, 0] += 100 * 5 * torch.finfo(torch.float32).eps
+    with pytest.raises(ValueError, match=r"1 of \d+ rows .* tables\[3, 7\]"):
+        markov.oracle_nll(x, bad, 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch without CUDA")
+def test_sample_on_cuda_without_cuda_says_so():
+    with pytest.raises(ValueError, match=r"sample on a CUDA device: this eqprop build has no CUDA|"
+                                         r"CUDA is not available to this torch"):
+        markov.sample(2, 2, seed=0, device="cuda")
 
 
 def test_empty_batch():
@@ -106,6 +151,13 @@ def test_fuzz_ops_fail_cleanly_or_agree_with_reference(spec, k, V, alpha):
         counts = None
     if counts is not None:
         assert torch.equal(counts, ref.context_counts(x, k, V))
+    try:
+        visits = markov.context_visits(x, k, vocab_size=V)
+    except CLEAN:
+        visits = None
+    if visits is not None:
+        assert torch.equal(visits, ref.context_visits(x, k, V))
+    assert (counts is None) == (visits is None)  # one set of rules for both counting ops
 
 
 @settings(max_examples=150, deadline=None)
@@ -133,6 +185,8 @@ def test_fuzz_sample_fails_cleanly_or_is_valid(batch, k, seq_len, V, alpha, seed
 def test_fuzz_oracle_fails_cleanly_or_agrees(spec, k, shape_b):
     x = _make_tokens(spec)
     tables = torch.rand(tuple(shape_b), dtype=torch.float64) + 0.1
+    if tables.dim() >= 1 and tables.shape[-1] > 0 and spec[4] % 4:  # mostly probability rows
+        tables = tables / tables.sum(-1, keepdim=True)
     try:
         got = markov.oracle_nll(x, tables, k)
     except CLEAN:

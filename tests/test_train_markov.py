@@ -20,8 +20,7 @@ from eqprop.train.checkpoint import load_checkpoint_file
 from eqprop.train.core import derive_seed, lr_at
 from eqprop.train.ladder import ladder
 
-#: The visit count the breakdowns use (the C++ op when the build has it).
-context_visits = getattr(markov, "context_visits", None) or markov._context_visits_py
+context_visits = markov.context_visits
 
 # A model small enough that a few steps take well under a second on CPU.
 TINY = dict(k=1, seq_len=64, n_layer=1, n_head=2, d_model=16, batch_size=8, lr=3e-3, warmup_steps=2,
@@ -72,17 +71,6 @@ def test_derived_seeds_are_stable_and_distinct():
     assert derive_seed(0, "train", 3, 0) == derive_seed(0, "train", 3, 0)
     seeds = {derive_seed(s, "train", step, m) for s in range(3) for step in range(50) for m in range(2)}
     assert len(seeds) == 300 and all(0 <= s < 2**62 for s in seeds)
-
-
-def test_context_visits_matches_a_direct_count():
-    x = markov.sample(4, 2, seq_len=60, vocab_size=3, seed=1)
-    visits = context_visits(x, 2, vocab_size=3)
-    for b in range(4):
-        seq = x[b].tolist()
-        for t in range(60):
-            expect = -1 if t < 2 else sum(seq[s - 2:s] == seq[t - 2:t] for s in range(2, t))
-            assert visits[b, t].item() == expect
-    assert context_visits(torch.tensor([[0, 1, 0, 1, 0]]), 1).tolist() == [[-1, 0, 0, 1, 1]]
 
 
 def test_bayes_predictive_is_the_visit_count_formula():

@@ -25,6 +25,7 @@ TORCH_LIBRARY(eqprop, m) {
   m.def("markov_oracle_nll(Tensor tokens, Tensor tables, int k) -> Tensor");
   m.def("markov_log_evidence(Tensor tokens, int k, int vocab_size, float alpha) -> Tensor");
   m.def("markov_context_counts(Tensor tokens, int k, int vocab_size) -> Tensor");
+  m.def("markov_context_visits(Tensor tokens, int k, int vocab_size) -> Tensor");
   // The fused damped update of the relaxation and its per-sample norms (solvers/damped_step.cpp).
   m.def("relax_damped_step(Tensor z, Tensor fz, float eps) -> (Tensor, Tensor, Tensor)");
 }
@@ -35,6 +36,7 @@ TORCH_LIBRARY_IMPL(eqprop, CompositeExplicitAutograd, m) {
   m.impl("markov_oracle_nll", &eqprop::markov::oracle_nll);
   m.impl("markov_log_evidence", &eqprop::markov::log_evidence);
   m.impl("markov_context_counts", &eqprop::markov::context_counts);
+  m.impl("markov_context_visits", &eqprop::markov::context_visits);
   m.impl("relax_damped_step", &eqprop::solvers::damped_step);
 }
 

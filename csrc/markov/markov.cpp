@@ -1,12 +1,14 @@
-// Markov-k benchmark: input checks, device dispatch and the CPU kernels (DESIGN.md §8).
+// Markov-k benchmark: input checks, device dispatch and the CPU kernels (docs/design.md §8).
 #include "markov/markov.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
+#include <sstream>
 #include <vector>
 
 #include "markov/sampling.h"
@@ -56,13 +58,13 @@ int64_t num_contexts(int64_t k, int64_t vocab_size) {
   return n;
 }
 
-void check_tokens(const at::Tensor& tokens, int64_t k, int64_t vocab_size) {
+// Checks tokens and returns them contiguous: views (a prefix tokens[:, :n], a strided slice) are
+// accepted and copied only when their layout needs it. The shape is checked before the layout.
+at::Tensor checked_tokens(const at::Tensor& tokens, int64_t k, int64_t vocab_size) {
   TORCH_CHECK_VALUE(tokens.defined(), "tokens must be a tensor, got None");
   TORCH_CHECK_VALUE(tokens.scalar_type() == at::kLong, "tokens must be int64 (torch.long), got ",
                     tokens.scalar_type());
   TORCH_CHECK_VALUE(tokens.dim() == 2, "tokens must be [B, L], got shape ", tokens.sizes());
-  TORCH_CHECK_VALUE(tokens.is_contiguous(), "tokens must be contiguous (call .contiguous()), got strides ",
-                    tokens.strides(), " for shape ", tokens.sizes());
   TORCH_CHECK_VALUE(tokens.size(1) > k, "tokens must be longer than k: need L > k, got L=",
                     tokens.size(1), ", k=", k);
   TORCH_CHECK_VALUE(tokens.device().is_cpu() || tokens.device().is_cuda(),
@@ -73,6 +75,28 @@ void check_tokens(const at::Tensor& tokens, int64_t k, int64_t vocab_size) {
     TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < vocab_size, "tokens must lie in [0, vocab_size=", vocab_size,
                       "), got values in [", lo_v, ", ", hi_v, "]");
   }
+  return tokens.contiguous();
+}
+
+// The CUDA kernels exist only in a CUDA build of eqprop, run only on a torch that has CUDA.
+#ifndef EQPROP_WITH_CUDA
+[[noreturn]] void no_cuda_kernels(const char* what) {
+  TORCH_CHECK_VALUE(false, what, " on a CUDA device: this eqprop build has no CUDA kernels (it was ",
+                    "built against a CPU-only torch); use device='cpu' or rebuild eqprop against a CUDA ",
+                    "torch");
+  std::abort();  // not reached: the check above throws
+}
+#endif
+
+void check_cuda_usable(at::Device device, const char* what) {
+  if (!device.is_cuda()) return;
+#ifndef EQPROP_WITH_CUDA
+  no_cuda_kernels(what);
+#else
+  TORCH_CHECK_VALUE(at::hasCUDA(), what, " on ", device,
+                    ": CUDA is not available to this torch (torch.cuda.is_available() is False); use "
+                    "device='cpu'");
+#endif
 }
 
 void check_float_dtype(at::ScalarType dtype, const char* name) {
@@ -87,6 +111,34 @@ at::Tensor context_index(const at::Tensor& tokens, int64_t k, int64_t vocab_size
   at::Tensor ctx = at::zeros({tokens.size(0), L - k}, tokens.options());
   for (int64_t i = 0; i < k; ++i) ctx.mul_(vocab_size).add_(tokens.slice(1, i, L - k + i));
   return ctx;
+}
+
+// Each row of tables [B, V^k, V] must be a probability vector: finite entries >= 0 summing to 1.
+// A row rounded to float32 from an exact one has |Σ − 1| <= V·eps32/2 (each entry carries a
+// relative error <= eps32/2; the sum is taken in float64). The bound 8·V·eps32 leaves 16x room and
+// holds for both dtypes, so float32 tables cast to float64 (sample's default dtype, then .double())
+// pass; a float64 table is not held to its own, 2^29 times finer, rounding.
+void check_probability_rows(const at::Tensor& tables) {
+  if (tables.numel() == 0) return;
+  const int64_t n_ctx = tables.size(1), V = tables.size(2);
+  const double eps = std::numeric_limits<float>::epsilon();
+  const double tol = 8.0 * static_cast<double>(V) * eps;
+  const at::Tensor sums = tables.sum(-1, /*keepdim=*/false, at::kDouble);  // [B, V^k]
+  const at::Tensor bad = tables.isfinite().logical_not().logical_or_(tables.lt(0)).any(-1).logical_or_(
+      sums.sub(1.0).abs_().gt(tol));
+  const int64_t n_bad = bad.sum().item<int64_t>();
+  if (n_bad == 0) return;
+  const int64_t i = bad.reshape(-1).nonzero()[0][0].item<int64_t>();
+  const int64_t b = i / n_ctx, c = i % n_ctx;
+  const at::Tensor row = tables[b][c].to(at::kCPU, at::kDouble).contiguous();
+  std::ostringstream values;
+  const double* p = row.data_ptr<double>();
+  for (int64_t a = 0; a < std::min<int64_t>(V, 8); ++a) values << (a ? ", " : "") << p[a];
+  if (V > 8) values << ", ...";
+  TORCH_CHECK_VALUE(false, "tables must hold a probability vector in every row (entries finite and >= 0, ",
+                    "summing to 1 within ", tol, " = 8·V·eps(float32)), but ", n_bad, " of ",
+                    sums.numel(), " rows are not; the first is tables[", b, ", ", c, "] = [",
+                    values.str(), "] with sum ", sums[b][c].item<double>());
 }
 
 // ---- CPU kernels ------------------------------------------------------------------------------
@@ -114,7 +166,7 @@ void sample_tokens_cpu(int64_t* tokens, const T* tables, int64_t batch, int64_t 
   });
 }
 
-// Sequential Dirichlet-multinomial predictive (DESIGN.md §8): with N over targets in [k, t),
+// Sequential Dirichlet-multinomial predictive (docs/design.md §8): with N over targets in [k, t),
 // −ln P(x_t = a) = ln(N_c + Vα) − ln(N_ca + α). Counts never exceed L, so both logs come from
 // tables of length L+1 built once per call. Each worker owns one count buffer and, after a
 // sequence, clears only the entries that sequence touched (O(L), not O(V^k)).
@@ -158,6 +210,21 @@ void bayes_nll_cpu(T* nll, const int64_t* tokens, int64_t batch, int64_t L, int6
   });
 }
 
+// visits[b, j] = #{i < j : ctx[b, i] == ctx[b, j]} for ctx [B, n] with entries in [0, n_ctx): how
+// often a target's context preceded it (N_<t(c_t), docs/design.md §8). One count buffer per worker,
+// cleared after each sequence over the entries it touched (O(n), not O(n_ctx)).
+void visits_cpu(int64_t* visits, const int64_t* ctx, int64_t B, int64_t n, int64_t n_ctx) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> seen(n_ctx, 0);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t* c = ctx + b * n;
+      int64_t* v = visits + b * n;
+      for (int64_t j = 0; j < n; ++j) v[j] = seen[c[j]]++;
+      for (int64_t j = 0; j < n; ++j) seen[c[j]] = 0;
+    }
+  });
+}
+
 }  // namespace
 
 // ---- ops ----------------------------------------------------------------------------------------
@@ -172,6 +239,7 @@ std::tuple<at::Tensor, at::Tensor> sample(int64_t batch, int64_t k, int64_t seq_
   TORCH_CHECK_VALUE(seq_len > k, "seq_len must be > k, got seq_len=", seq_len, ", k=", k);
   TORCH_CHECK_VALUE(seed >= 0, "seed must be >= 0, got ", seed);
   TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(), "device must be cpu or cuda, got ", device);
+  check_cuda_usable(device, "sample");
   const auto useed = static_cast<uint64_t>(seed);
   auto opts = at::TensorOptions().device(device);
   at::Tensor tables64 = at::empty({batch, n_ctx, vocab_size}, opts.dtype(at::kDouble));
@@ -193,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> sample(int64_t batch, int64_t k, int64_t seq_
                                                          vocab_size, alpha, useed,
                                                          c10::cuda::getCurrentCUDAStream()));
 #else
-    TORCH_CHECK(false, "eqprop was built without CUDA kernels; rebuild against a CUDA torch");
+    no_cuda_kernels("sample");
 #endif
   }
   // Tokens are drawn from the tables as returned (after the cast), so the two always agree.
@@ -221,12 +289,12 @@ std::tuple<at::Tensor, at::Tensor> sample(int64_t batch, int64_t k, int64_t seq_
   return {tokens, tables};
 }
 
-at::Tensor bayes_nll(const at::Tensor& tokens, int64_t k, int64_t vocab_size, double alpha,
+at::Tensor bayes_nll(const at::Tensor& tokens_in, int64_t k, int64_t vocab_size, double alpha,
                      at::ScalarType dtype) {
   const int64_t n_ctx = num_contexts(k, vocab_size);
   check_alpha(alpha);
   check_float_dtype(dtype, "dtype");
-  check_tokens(tokens, k, vocab_size);
+  const at::Tensor tokens = checked_tokens(tokens_in, k, vocab_size);
   const int64_t B = tokens.size(0), L = tokens.size(1);
   TORCH_CHECK_VALUE(L < (int64_t(1) << 31), "tokens: L must be < 2^31 (int32 counts), got ", L);
   at::Tensor nll = at::empty({B, L}, tokens.options().dtype(dtype));
@@ -260,23 +328,24 @@ at::Tensor bayes_nll(const at::Tensor& tokens, int64_t k, int64_t vocab_size, do
   }
   return nll;
 #else
-  TORCH_CHECK(false, "eqprop was built without CUDA kernels; rebuild against a CUDA torch");
+  no_cuda_kernels("bayes_nll");
 #endif
 }
 
-at::Tensor oracle_nll(const at::Tensor& tokens, const at::Tensor& tables, int64_t k) {
-  TORCH_CHECK_VALUE(tables.defined(), "tables must be a tensor, got None");
-  TORCH_CHECK_VALUE(tables.dim() == 3, "tables must be [B, V^k, V], got shape ", tables.sizes());
-  const int64_t V = tables.size(2);
+at::Tensor oracle_nll(const at::Tensor& tokens_in, const at::Tensor& tables_in, int64_t k) {
+  TORCH_CHECK_VALUE(tables_in.defined(), "tables must be a tensor, got None");
+  TORCH_CHECK_VALUE(tables_in.dim() == 3, "tables must be [B, V^k, V], got shape ", tables_in.sizes());
+  const int64_t V = tables_in.size(2);
   const int64_t n_ctx = num_contexts(k, V);
-  check_tokens(tokens, k, V);
-  check_float_dtype(tables.scalar_type(), "tables dtype");
-  TORCH_CHECK_VALUE(tables.size(0) == tokens.size(0) && tables.size(1) == n_ctx,
+  const at::Tensor tokens = checked_tokens(tokens_in, k, V);
+  check_float_dtype(tables_in.scalar_type(), "tables dtype");
+  TORCH_CHECK_VALUE(tables_in.size(0) == tokens.size(0) && tables_in.size(1) == n_ctx,
                     "tables must be [B, V^k, V] = [", tokens.size(0), ", ", n_ctx, ", ", V,
-                    "] for tokens of shape ", tokens.sizes(), " and k=", k, ", got ", tables.sizes());
-  TORCH_CHECK_VALUE(tables.device() == tokens.device(), "tables and tokens must be on one device, got ",
-                    tables.device(), " and ", tokens.device());
-  TORCH_CHECK_VALUE(tables.is_contiguous(), "tables must be contiguous (call .contiguous())");
+                    "] for tokens of shape ", tokens.sizes(), " and k=", k, ", got ", tables_in.sizes());
+  TORCH_CHECK_VALUE(tables_in.device() == tokens.device(), "tables and tokens must be on one device, got ",
+                    tables_in.device(), " and ", tokens.device());
+  const at::Tensor tables = tables_in.contiguous();
+  check_probability_rows(tables);
   const int64_t B = tokens.size(0), L = tokens.size(1);
   at::Tensor nll = at::full({B, L}, std::log(static_cast<double>(V)), tables.options());
   if (B == 0) return nll;
@@ -285,10 +354,10 @@ at::Tensor oracle_nll(const at::Tensor& tokens, const at::Tensor& tables, int64_
   return nll;
 }
 
-at::Tensor log_evidence(const at::Tensor& tokens, int64_t k, int64_t vocab_size, double alpha) {
+at::Tensor log_evidence(const at::Tensor& tokens_in, int64_t k, int64_t vocab_size, double alpha) {
   const int64_t n_ctx = num_contexts(k, vocab_size);
   check_alpha(alpha);
-  check_tokens(tokens, k, vocab_size);
+  const at::Tensor tokens = checked_tokens(tokens_in, k, vocab_size);
   const int64_t B = tokens.size(0), L = tokens.size(1);
   TORCH_CHECK_VALUE(B <= std::numeric_limits<int64_t>::max() / (n_ctx * vocab_size),
                     "tokens: batch too large for int64 keys");
@@ -309,14 +378,30 @@ at::Tensor log_evidence(const at::Tensor& tokens, int64_t k, int64_t vocab_size,
   return evidence_terms(ctx_key, n_ctx, v_alpha) - evidence_terms(pair_key, n_ctx * vocab_size, alpha);
 }
 
-at::Tensor context_counts(const at::Tensor& tokens, int64_t k, int64_t vocab_size) {
+at::Tensor context_counts(const at::Tensor& tokens_in, int64_t k, int64_t vocab_size) {
   const int64_t n_ctx = num_contexts(k, vocab_size);
-  check_tokens(tokens, k, vocab_size);
+  const at::Tensor tokens = checked_tokens(tokens_in, k, vocab_size);
   const int64_t B = tokens.size(0);
   at::Tensor counts = at::zeros({B, n_ctx}, tokens.options());
   if (B == 0) return counts;
   at::Tensor ctx = context_index(tokens, k, vocab_size);
   return counts.scatter_add_(1, ctx, at::ones_like(ctx));
+}
+
+at::Tensor context_visits(const at::Tensor& tokens_in, int64_t k, int64_t vocab_size) {
+  const int64_t n_ctx = num_contexts(k, vocab_size);
+  const at::Tensor tokens = checked_tokens(tokens_in, k, vocab_size);
+  const int64_t B = tokens.size(0), L = tokens.size(1);
+  TORCH_CHECK_VALUE(L < (int64_t(1) << 31), "tokens: L must be < 2^31 (int32 counts), got ", L);
+  at::Tensor visits = at::full({B, L}, -1, tokens.options());
+  if (B == 0) return visits;
+  // No CUDA kernel: the context indices are formed on the tokens' device and counted on the CPU
+  // (one copy each way); the count is sequential in t within a sequence.
+  const at::Tensor ctx = context_index(tokens, k, vocab_size).cpu();  // [B, L−k]
+  at::Tensor out = at::empty({B, L - k}, ctx.options());
+  visits_cpu(out.data_ptr<int64_t>(), ctx.data_ptr<int64_t>(), B, L - k, n_ctx);
+  visits.slice(1, k, L).copy_(out);
+  return visits;
 }
 
 }  // namespace eqprop::markov

@@ -1,5 +1,5 @@
-// The Markov-k in-context-learning benchmark (DESIGN.md §8): sampler, exact Bayes NLL, oracle NLL,
-// Dirichlet-multinomial log evidence, context visit counts. CPU kernels here, CUDA in csrc/cuda/.
+// The Markov-k in-context-learning benchmark (docs/design.md §8): sampler, exact Bayes NLL, oracle NLL,
+// Dirichlet-multinomial log evidence, context counts and visits. CPU kernels here, CUDA in csrc/cuda/.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <tuple>
@@ -24,5 +24,9 @@ at::Tensor log_evidence(const at::Tensor& tokens, int64_t k, int64_t vocab_size,
 
 // [B, V^k] int64: how often each context precedes a target t >= k.
 at::Tensor context_counts(const at::Tensor& tokens, int64_t k, int64_t vocab_size);
+
+// [B, L] int64: visits[b, t] = number of targets s in [k, t) whose context equals that of t
+// (the N_<t(c_t) of the Bayes predictive); −1 for t < k.
+at::Tensor context_visits(const at::Tensor& tokens, int64_t k, int64_t vocab_size);
 
 }  // namespace eqprop::markov

@@ -1,4 +1,4 @@
-// Random streams and the Dirichlet / categorical draws of the Markov-k sampler (DESIGN.md §8).
+// Random streams and the Dirichlet / categorical draws of the Markov-k sampler (docs/design.md §8).
 // Plain C++ shared by the CPU kernels (csrc/markov/markov.cpp) and the CUDA kernels
 // (csrc/cuda/markov.cu): no ATen, no torch. Every draw is a pure function of (seed, stream), so a
 // result does not depend on thread count, block size or scheduling.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -35,8 +36,10 @@ def _markov_bayes(args: argparse.Namespace) -> int:
         mean, se = float(per_seq.mean()), float(per_seq.std() / per_seq.numel() ** 0.5)
         _, cov = markov.context_coverage(x, k, vocab_size=args.vocab_size)
         standard = args.vocab_size == 2 and args.alpha == 1.0 and args.seq_len is None
-        anchor = markov.BAYES_NLL_ANCHORS.get(k) if standard else None
-        z = (mean - anchor) / se if anchor is not None else None
+        quoted = markov.BAYES_NLL_ANCHORS.get(k) if standard else None
+        anchor = quoted.nll if quoted is not None else None
+        # the anchor is a Monte-Carlo mean too: z uses both standard errors
+        z = (mean - anchor) / math.hypot(se, quoted.se) if quoted is not None else None
         secs = time.perf_counter() - t0
         rows.append(dict(k=k, seq_len=seq_len, bayes_nll=mean, se=se, anchor=anchor, z=z, coverage=cov,
                          seconds=secs))
@@ -44,8 +47,8 @@ def _markov_bayes(args: argparse.Namespace) -> int:
               f"{(f'{anchor:.4f}' if anchor is not None else '-'):>7} "
               f"{(f'{z:+.1f}' if z is not None else '-'):>6} {cov['p5']:>9.0f} {cov['frac_lt10']:>10.3f} "
               f"{cov['frac_unvisited']:>9.3f} {secs:>6.2f}")
-    print("z = (measured - anchor) / SE; |z| < 3 agrees with the anchor. Visits count, per sequence, "
-          "how often each of the V^k contexts precedes a target.")
+    print("z = (measured - anchor) / sqrt(SE^2 + SE_anchor^2); |z| < 3 agrees with the anchor. "
+          "Visits count, per sequence, how often each of the V^k contexts precedes a target.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -1,4 +1,4 @@
-"""The Markov-k in-context-learning benchmark with its exact Bayes NLL (DESIGN.md §8).
+"""The Markov-k in-context-learning benchmark with its exact Bayes NLL (docs/design.md §8).
 
 Every sequence has its own transition table: each of the V^k rows is drawn from Dirichlet(alpha);
 the first k tokens are uniform, then ``x_t ~ P(. | x_{t-k..t-1})``. Under this generative model
@@ -17,12 +17,13 @@ All ops run in the C++ core (``torch.ops.eqprop.markov_*``) on CPU, and with CUD
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 __all__ = [
     "BAYES_NLL_ANCHORS",
+    "BayesAnchor",
     "default_seq_len",
     "sample",
     "bayes_nll",
@@ -30,13 +31,30 @@ __all__ = [
     "log_evidence",
     "gap_pct",
     "context_coverage",
+    "context_visits",
 ]
 
 _ops = torch.ops.eqprop
 
-#: Monte-Carlo mean Bayes NLL per token (nats) at V=2, alpha=1, L=100*2^k, positions t >= k
-#: (DESIGN.md §8).
-BAYES_NLL_ANCHORS = {1: 0.4990, 2: 0.4874, 3: 0.4876, 4: 0.4920, 5: 0.4983, 6: 0.5048}
+class BayesAnchor(NamedTuple):
+    """A Monte-Carlo Bayes NLL anchor: ``nll`` nats per token and its standard error ``se``."""
+
+    nll: float
+    se: float
+
+
+#: Mean Bayes NLL per token (nats) at V=2, alpha=1, uniform first k tokens, L=100*2^k, positions
+#: t >= k, with its Monte-Carlo standard error: 10^6 sequences per k drawn by ``sample`` and scored by
+#: ``bayes_nll`` (benchmarks/bayes_anchors.py, benchmarks/results/bayes_anchors.json; docs/design.md §8).
+#: Example: ``BAYES_NLL_ANCHORS[3].nll``
+BAYES_NLL_ANCHORS: dict[int, BayesAnchor] = {
+    1: BayesAnchor(0.49967, 0.00017),
+    2: BayesAnchor(0.48780, 0.00014),
+    3: BayesAnchor(0.48780, 0.00012),
+    4: BayesAnchor(0.49149, 0.000095),
+    5: BayesAnchor(0.49786, 0.000075),
+    6: BayesAnchor(0.50344, 0.000058),
+}
 
 
 def default_seq_len(k: int) -> int:
@@ -75,7 +93,8 @@ def sample(
             drawn from ``generator`` or, without one, from torch's global generator, so
             ``torch.manual_seed`` makes runs repeatable.
         generator: a ``torch.Generator`` to draw the seed from (not together with ``seed``).
-        device: where to sample ("cpu" or a CUDA device).
+        device: where to sample ("cpu" or a CUDA device; a CUDA device on a CPU-only torch or
+            eqprop build raises ValueError).
         dtype: float dtype of the tables (tokens are drawn from the tables as returned).
         return_tables: also return the tables.
 
@@ -114,7 +133,7 @@ def bayes_nll(
     """Exact Bayes-optimal NLL of every token, ``-ln P_Bayes(x_t | x_<t)`` in nats.
 
     Args:
-        tokens: ``[B, L]`` int64 in ``[0, vocab_size)``, contiguous, ``L > k``.
+        tokens: ``[B, L]`` int64 in ``[0, vocab_size)``, ``L > k`` (views such as ``x[:, :100]`` are fine).
         k, vocab_size, alpha: the generative model (order, V, Dirichlet concentration).
         dtype: float32 or float64 output (the arithmetic is float64 either way).
 
@@ -130,8 +149,11 @@ def oracle_nll(tokens: torch.Tensor, tables: torch.Tensor, k: int) -> torch.Tens
     """NLL of every token under the true transition tables, ``-ln tables[b, c_t, x_t]``.
 
     Args:
-        tokens: ``[B, L]`` int64; tables: ``[B, V^k, V]`` float (as from ``sample(...,
-        return_tables=True)``), on the tokens' device.
+        tokens: ``[B, L]`` int64; tables: ``[B, V^k, V]`` float32/float64 (as from ``sample(...,
+        return_tables=True)``), on the tokens' device. Every row ``tables[b, c]`` must be a
+        probability vector (finite entries >= 0 summing to 1 within ``8 V eps`` of float32, so
+        float32 tables cast to float64 pass),
+        else ValueError.
 
     Returns:
         ``[B, L]`` in the tables' dtype; entries ``t < k`` are ``ln V``.
@@ -142,7 +164,7 @@ def oracle_nll(tokens: torch.Tensor, tables: torch.Tensor, k: int) -> torch.Tens
 
 
 def log_evidence(tokens: torch.Tensor, k: int, *, vocab_size: int = 2, alpha: float = 1.0) -> torch.Tensor:
-    """Closed-form Dirichlet-multinomial evidence term of each sequence (DESIGN.md §8).
+    """Closed-form Dirichlet-multinomial evidence term of each sequence (docs/design.md §8).
 
     ``sum_c [lnG(N_c + V alpha) - lnG(V alpha) - sum_a (lnG(N_ca + alpha) - lnG(alpha))]``, which is
     ``-ln p(x_k..x_{L-1} | x_<k)`` and equals ``bayes_nll(tokens, k)[:, k:].sum(1)``: an
@@ -228,6 +250,26 @@ def context_coverage(tokens: torch.Tensor, k: int, *, vocab_size: int = 2):
     return counts, summary
 
 
+def context_visits(tokens: torch.Tensor, k: int, *, vocab_size: int = 2) -> torch.Tensor:
+    """How often the context of each target was seen before it: ``N_<t(c_t)``.
+
+    ``visits[b, t]`` counts targets ``s`` in ``[k, t)`` with ``c_s == c_t`` (the count in the Bayes
+    predictive, docs/design.md §8); ``-1`` for ``t < k``. Context index: oldest symbol most
+    significant. A C++ op (``torch.ops.eqprop.markov_context_visits``); on CUDA tokens the counting
+    runs on the CPU (one copy each way) and the result returns to the tokens' device.
+
+    Args:
+        tokens: ``[B, L]`` int64 in ``[0, vocab_size)``, ``L > k``.
+        k: Markov order; vocab_size: V.
+
+    Returns:
+        ``[B, L]`` int64 on the tokens' device.
+
+    Example: ``context_visits(torch.tensor([[0, 1, 0, 1, 0]]), 1)  # [[-1, 0, 0, 1, 1]]``
+    """
+    return _ops.markov_context_visits(tokens, _int_arg("k", k), _int_arg("vocab_size", vocab_size))
+
+
 # Shapes for torch.compile / opcheck (the ops allocate their outputs from these rules).
 @torch.library.register_fake("eqprop::markov_bayes_nll")
 def _(tokens, k, vocab_size, alpha, dtype):
@@ -249,6 +291,11 @@ def _(tokens, k, vocab_size):
     return tokens.new_empty((tokens.shape[0], vocab_size**k))
 
 
+@torch.library.register_fake("eqprop::markov_context_visits")
+def _(tokens, k, vocab_size):
+    return tokens.new_empty(tokens.shape)
+
+
 @torch.library.register_fake("eqprop::markov_sample")
 def _(batch, k, seq_len, vocab_size, alpha, seed, device, table_dtype):
     tokens = torch.empty((batch, seq_len), dtype=torch.long, device=device)
@@ -261,25 +308,6 @@ __all__ += ["VISIT_BUCKETS", "gap_breakdowns"]
 
 #: Buckets of the context visit count N_<t(c_t) for the "gap by visit count" report: [lo, hi), None = open.
 VISIT_BUCKETS = ((0, 1), (1, 3), (3, 10), (10, 30), (30, 100), (100, None))
-
-
-def _context_visits_py(tokens: torch.Tensor, k: int, *, vocab_size: int = 2) -> torch.Tensor:
-    """Plain-PyTorch ``N_<t(c_t)`` (``visits[b, t]``, ``-1`` for ``t < k``); used until the C++ op is present."""
-    B, L = tokens.shape
-    ctx = torch.zeros(B, L - k, dtype=torch.long, device=tokens.device)  # c_t for t = k..L-1
-    for i in range(k):
-        ctx = ctx * vocab_size + tokens[:, i:L - k + i]
-    n_ctx = vocab_size**k
-    flat = (ctx + torch.arange(B, device=tokens.device)[:, None] * n_ctx).reshape(-1)  # [B * (L-k)]
-    order = torch.sort(flat, stable=True).indices  # groups by (sequence, context), in time order
-    sorted_keys = flat[order]
-    counts = torch.bincount(flat, minlength=B * n_ctx)
-    group_start = torch.cumsum(counts, 0) - counts  # first index of each (sequence, context) group
-    occurrence = torch.empty_like(flat)
-    occurrence[order] = torch.arange(flat.numel(), device=tokens.device) - group_start[sorted_keys]
-    visits = torch.full((B, L), -1, dtype=torch.long, device=tokens.device)
-    visits[:, k:] = occurrence.view(B, L - k)
-    return visits
 
 
 def _gap_on(model_nll: torch.Tensor, bayes: torch.Tensor, mask: torch.Tensor) -> tuple:
@@ -334,8 +362,7 @@ def gap_breakdowns(model_nll: torch.Tensor, bayes_nll: torch.Tensor, tokens: tor
     for lo, hi in zip(bin_edges[:-1], bin_edges[1:]):
         gap, se = _gap_on(model_nll, bayes_nll, (pos >= lo) & (pos < hi))
         by_position["bins"].append({"positions": [lo, hi], "gap_pct": gap, "gap_se": se})
-    count = globals().get("context_visits", _context_visits_py)
-    visits = count(tokens, k, vocab_size=vocab_size).to(model_nll.device)
+    visits = context_visits(tokens, k, vocab_size=vocab_size).to(model_nll.device)
     by_visits = []
     for lo, hi in VISIT_BUCKETS:
         mask = (visits >= lo) & ((visits < hi) if hi is not None else True)

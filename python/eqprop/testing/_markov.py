@@ -3,69 +3,28 @@ its standard error (docs/design.md §8)."""
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
 
 __all__ = ["assert_markov_gap"]
 
-#: context-visit bins of the breakdown: [lo, hi) visits of the context before position t
-_VISIT_BINS = ((0, 1), (1, 4), (4, 16), (16, 64), (64, math.inf))
-
-
-def _context_visits(tokens: torch.Tensor, k: int, vocab_size: int) -> torch.Tensor:
-    """[B, L] int64: at t >= k, how often the context c_t = x_{t-k..t-1} occurred before t (as the
-    context of a target t' >= k, t' < t), i.e. N_<t(c_t) of the Bayes rule; -1 at t < k.
-
-    Rank of each position among the positions with the same context: a stable sort by context, then
-    the index within each run of equal contexts.
-    """
-    B, L = tokens.shape
-    w = vocab_size ** torch.arange(k - 1, -1, -1, device=tokens.device)  # oldest symbol first
-    ctx = (tokens.unfold(1, k, 1)[:, : L - k] * w).sum(-1)  # [B, L-k], context of targets t = k..L-1
-    srt, order = torch.sort(ctx, dim=1, stable=True)
-    pos = torch.arange(L - k, device=tokens.device).expand(B, -1)
-    start = torch.ones_like(srt, dtype=torch.bool)
-    start[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    first = torch.where(start, pos, torch.zeros_like(pos)).cummax(1).values
-    visits = torch.full((B, L), -1, dtype=torch.int64, device=tokens.device)
-    visits[:, k:] = torch.empty_like(ctx).scatter_(1, order, pos - first)
-    return visits
-
-
-def _masked_gap(model: torch.Tensor, bayes: torch.Tensor, mask: torch.Tensor):
-    """Gap % ± SE over the masked positions: the per-sequence means over the mask go through
-    ``eqprop.markov.gap_pct`` (one column each); sequences with no masked position are left out.
-    Returns (gap, se, positions)."""
-    from ..markov import gap_pct
-
-    cnt = mask.sum(1)
-    keep = cnt > 0
-    if int(keep.sum()) == 0:
-        return math.nan, math.nan, 0
-    m = (model * mask).sum(1)[keep] / cnt[keep]
-    b = (bayes * mask).sum(1)[keep] / cnt[keep]
-    if not float(b.mean()) > 0:
-        return math.nan, math.nan, int(cnt.sum())
-    gap, se = gap_pct(m[:, None], b[:, None], 0)
-    return gap, se, int(cnt.sum())
-
-
 def _gap_breakdown(model: torch.Tensor, bayes: torch.Tensor, tokens: torch.Tensor, k: int, vocab_size: int) -> list:
-    """Rows (label, gap, se, positions) by position thirds of [k, L) and by context visits."""
-    B, L = tokens.shape
+    """Rows (label, gap, se, share of tokens) by position thirds of [k, L) and by context visits
+    (``eqprop.markov.gap_breakdowns``)."""
+    from ..markov import gap_breakdowns
+
+    by_position, by_visits = gap_breakdowns(model, bayes, tokens, k, vocab_size=vocab_size)
+    L = tokens.shape[1]
     rows = []
-    edges = [k + round(i * (L - k) / 3) for i in range(4)]
-    t = torch.arange(L, device=model.device)
-    for i in range(3):
-        mask = ((t >= edges[i]) & (t < edges[i + 1])).expand(B, -1).double()
-        rows.append((f"positions {edges[i]}..{edges[i + 1] - 1}",) + _masked_gap(model, bayes, mask))
-    visits = _context_visits(tokens, k, vocab_size).to(model.device)
-    for lo, hi in _VISIT_BINS:
-        mask = ((visits >= lo) & (visits < hi)).double()
-        label = f"visits {lo}" if hi == lo + 1 else (f"visits >= {lo}" if hi == math.inf else f"visits {lo}..{hi - 1}")
-        rows.append((label,) + _masked_gap(model, bayes, mask))
+    for name in ("early", "middle", "late"):
+        lo, hi = by_position[name]["positions"]
+        rows.append((f"positions {lo}..{hi - 1}", by_position[name]["gap_pct"], by_position[name]["gap_se"],
+                     (hi - lo) / (L - k)))
+    for b in by_visits:
+        lo, hi = b["visits"]
+        label = f"visits {lo}" if hi == lo + 1 else (f"visits >= {lo}" if hi is None else f"visits {lo}..{hi - 1}")
+        rows.append((label, b["gap_pct"], b["gap_se"], b["frac_tokens"]))
     return rows
 
 
@@ -118,7 +77,8 @@ def assert_markov_gap(
         return
     rows = _gap_breakdown(nll, bayes, tokens.to(nll.device), k, vocab_size)
     width = max(len(r[0]) for r in rows)
-    lines = [f"  {label.ljust(width)}  {g:+8.2f}% ± {s:.2f}  ({n} positions)" for label, g, s, n in rows]
+    lines = [f"  {label.ljust(width)}  " + ("(no tokens)" if g is None else f"{g:+8.2f}% ± {s:.2f}")
+             + f"  ({100 * share:.1f}% of tokens)" for label, g, s, share in rows]
     raise AssertionError(
         f"Markov-{k} gap to Bayes {gap:+.2f}% ± {se:.2f} (SE, {n_sequences} sequences, L = {tokens.shape[1]}, "
         f"seed {seed}): gap - 2 SE = {gap - 2 * se:.2f}% > max_gap_pct = {max_gap_pct}%\n"
