@@ -239,6 +239,7 @@ def test_native_readout_gradient_equals_autograd_real_and_complex():
     with torch.no_grad():
         z_lm = lm.equilibrium(lm.inject(tokens))
         torch.testing.assert_close(lro(z_lm), lm.loss(tokens), rtol=1e-12, atol=0)
+        torch.testing.assert_close(lro.native().loss(z_lm), lm.loss(tokens)[None], rtol=1e-12, atol=0)  # no head bias
 
 
 def test_complex_nudged_state_of_block_and_native_readout_equals_dense_reference():

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -76,7 +77,12 @@ static Binder bind_ep([](py::module_& m) {
       m, "CrossEntropyReadout",
       "The standard readout ℓ(z) = CE(head(LayerNorm(z)), targets) with its closed-form, holomorphic ∂ℓ/∂z\n"
       "(docs/design.md §5). z: [P·B, T, C] (P blocks of the B target rows), real or complex.")
-      .def(py::init<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t, double>(),
+      .def(py::init([](at::Tensor ln_weight, std::optional<at::Tensor> ln_bias, at::Tensor head_weight,
+                       std::optional<at::Tensor> head_bias, at::Tensor targets, int64_t ignore_index, double ln_eps) {
+             return std::make_shared<est::CrossEntropyReadout>(
+                 std::move(ln_weight), ln_bias.value_or(at::Tensor()), std::move(head_weight),
+                 head_bias.value_or(at::Tensor()), std::move(targets), ignore_index, ln_eps);
+           }),
            py::arg("ln_weight"), py::arg("ln_bias"), py::arg("head_weight"), py::arg("head_bias"),
            py::arg("targets"), py::arg("ignore_index") = -100, py::arg("ln_eps") = 1e-5)
       .def("loss", &est::CrossEntropyReadout::loss, py::arg("z"), py::call_guard<py::gil_scoped_release>(),
