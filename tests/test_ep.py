@@ -387,3 +387,14 @@ def test_complex_points_need_holomorphic_callables():
         EP(0.05).grad(Holo(), x.to(torch.complex128), loss)
     # real arithmetic (n_points <= 2) never evaluates at complex z: the same field works
     assert not EP(0.05, t2=5).grad(f, x, loss).stats["skipped"]
+
+
+def test_a_vector_field_handle_is_stacked_point_by_point():
+    # An opaque VectorField (here a ModuleField handle) cannot be rebuilt on a stacked x: EP wraps it
+    # and evaluates F, Jv, Jᵀv one point at a time. Same estimate as the rebuilt (batched) field.
+    f, x, loss = _linear_problem(normal=False, seed=3)
+    handle = eqprop.solvers.as_field(f, x)
+    for kw in (dict(correction="frozen"), dict(n_points=4, correction="tracking")):
+        a = EP(1e-3, t2=T2, **kw, **EXACT).grad(handle, x, loss)
+        b = EP(1e-3, t2=T2, **kw, **EXACT).grad(f, x, loss)
+        torch.testing.assert_close(_flat(a), _flat(b), rtol=1e-10, atol=1e-14)
