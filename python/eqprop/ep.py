@@ -198,7 +198,7 @@ def _t2_list(t2: Union[int, Sequence[int]]) -> list[int]:
     return sorted(set(int(t) for t in t2))
 
 
-def _stacked_field(f: Any, fld, x: Optional[Tensor], points: int, batch: int, complex_: bool):
+def _stacked_field(f: Any, fld, points: int, batch: int, complex_: bool):
     """The field for P = points copies of the batch on the batch axis (x repeated, complex if asked):
     a Python f(z, x) is rebuilt on the stacked x, the native block is rebuilt in C++, any other
     VectorField is evaluated block by block."""
@@ -313,7 +313,7 @@ class EP:
 
         P, B = len(self.points["beta"]), z_star.shape[0]
         complex_ = bool(self.points["complex"])
-        stacked = _stacked_field(f, fld, x, P, B, complex_)
+        stacked = _stacked_field(f, fld, P, B, complex_)
         native = isinstance(loss_fn, CrossEntropyReadout)
         loss_grad = loss_fn.native() if native else _loss_grad_callback(loss_fn, P, complex_)
         if complex_:
