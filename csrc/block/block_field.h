@@ -32,6 +32,7 @@ class BlockField : public eqprop::AutogradField {
   std::shared_ptr<void> prepare_capture() override;
   const at::Tensor& x() const { return x_; }
   const BlockConfig& config() const { return cfg_; }
+  const std::vector<at::Tensor>& sn_u() const { return sn_u_; }
 
  private:
   // A snapshot of the effective weights, rebuilt when a parameter's version counter moves. Returned

@@ -168,3 +168,7 @@ class BPTT:
         grads.update({f"readout.{n}": g for (n, _), g in zip(readout, gs[len(names):])})
         return Estimate(loss=loss.detach(), grads=grads, z=z_star.detach(),
                         stats={"forward": info, "horizon": self.horizon})
+
+from .ep import EP  # noqa: E402  (Equilibrium Propagation, python/eqprop/ep.py)
+
+__all__ += ["EP"]

@@ -1,3 +1,0 @@
-// Moved to csrc/fields/autograd_field.h; this forwarding header keeps older includes compiling.
-#pragma once
-#include "fields/autograd_field.h"
