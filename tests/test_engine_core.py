@@ -95,14 +95,6 @@ def test_relax_options_copy_replace_pickle():
 
 # ---- clear errors -----------------------------------------------------------------------------------
 
-def test_block_without_injection_is_a_clear_value_error():
-    blk = eqprop.EquilibriumBlock(8, 2, dtype=torch.float64)
-    with pytest.raises(ValueError, match="x .* must be a tensor \\[B, T, C\\] with C = 8"):
-        eqprop.relax(blk, None)
-    with pytest.raises(ValueError, match="x .* must be a tensor"):
-        eqprop.fixed_point(blk, None)
-
-
 # ---- Ctrl-C inside the native loops ---------------------------------------------------------------
 
 def _interrupt_after(seconds: float) -> tuple[threading.Timer, list]:
