@@ -77,11 +77,19 @@ def main() -> int:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6])
     parser.add_argument("--sequences", type=int, default=1_000_000, help="sequences per order k")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--partial", nargs="+", default=[PARTIAL],
-                        help="progress files: this run writes the first; chunks found in any count as done "
-                             "(several processes can share the chunks of one k, each with its own file)")
-    parser.add_argument("--chunks", default=None, metavar="START:STOP",
-                        help="compute only chunk indices in [START, STOP) (for one of several processes)")
+    parser.add_argument(
+        "--partial",
+        nargs="+",
+        default=[PARTIAL],
+        help="progress files: this run writes the first; chunks found in any count as done "
+        "(several processes can share the chunks of one k, each with its own file)",
+    )
+    parser.add_argument(
+        "--chunks",
+        default=None,
+        metavar="START:STOP",
+        help="compute only chunk indices in [START, STOP) (for one of several processes)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.makedirs(RESULTS, exist_ok=True)
@@ -97,8 +105,10 @@ def main() -> int:
         found = {c["seed"]: c for part in [own, *others] for c in part.get(str(k), {}).get("chunks", [])}
         for part in [own, *others]:
             if str(k) in part and part[str(k)]["batch"] != batch:
-                raise SystemExit(f"k={k} was started with batch {part[str(k)]['batch']}, not {batch}; "
-                                 "delete the progress files to start over")
+                raise SystemExit(
+                    f"k={k} was started with batch {part[str(k)]['batch']}, not {batch}; "
+                    "delete the progress files to start over"
+                )
         lo, hi = (int(v) for v in args.chunks.split(":")) if args.chunks else (0, n_chunks)
         todo = [j for j in range(lo, min(hi, n_chunks)) if BASE_SEED + 1000 * k + j not in found]
         t0 = time.perf_counter()
@@ -109,8 +119,11 @@ def main() -> int:
             found[c["seed"]] = c
             _save(args.partial[0], own)
             n, mean, var = combine(list(found.values()))
-            print(f"k={k} chunk {j + 1}/{n_chunks} ({len(found)} done): n={n} mean={mean:.6f} "
-                  f"se={math.sqrt(var / n):.6f} ({(i + 1) / (time.perf_counter() - t0):.2f} chunks/s)", flush=True)
+            print(
+                f"k={k} chunk {j + 1}/{n_chunks} ({len(found)} done): n={n} mean={mean:.6f} "
+                f"se={math.sqrt(var / n):.6f} ({(i + 1) / (time.perf_counter() - t0):.2f} chunks/s)",
+                flush=True,
+            )
         seeds = sorted(found)
         if seeds != [BASE_SEED + 1000 * k + j for j in range(n_chunks)]:
             print(f"k={k}: {len(seeds)} of {n_chunks} chunks done; not written", flush=True)
@@ -118,12 +131,24 @@ def main() -> int:
         n, mean, var = combine([found[s] for s in seeds])
         final = _load(final_path) or {"anchors": {}}  # re-read: another process may have written other orders
         final["anchors"][str(k)] = {
-            "k": k, "seq_len": L, "n_sequences": n, "mean_nll": mean, "se": math.sqrt(var / n),
-            "sd_per_sequence": math.sqrt(var), "chunk_batch": batch, "seeds": seeds,
+            "k": k,
+            "seq_len": L,
+            "n_sequences": n,
+            "mean_nll": mean,
+            "se": math.sqrt(var / n),
+            "sd_per_sequence": math.sqrt(var),
+            "chunk_batch": batch,
+            "seeds": seeds,
         }
         final["anchors"] = dict(sorted(final["anchors"].items()))
-        final["setting"] = {"vocab_size": 2, "alpha": 1.0, "seq_len": "100 * 2^k", "positions": "t >= k",
-                            "start": "uniform", "seed_rule": f"{BASE_SEED} + 1000 k + chunk index"}
+        final["setting"] = {
+            "vocab_size": 2,
+            "alpha": 1.0,
+            "seq_len": "100 * 2^k",
+            "positions": "t >= k",
+            "start": "uniform",
+            "seed_rule": f"{BASE_SEED} + 1000 k + chunk index",
+        }
         final["environment"] = environment()
         write_results("bayes_anchors", final)
         print(f"k={k}: {mean:.6f} +- {math.sqrt(var / n):.6f} (n={n}) written", flush=True)

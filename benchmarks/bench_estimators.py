@@ -126,29 +126,41 @@ def main(argv=None):
     if args.memory_point is not None:
         print(memory_point(args, device, args.memory_point))
         return
-    results = {"environment": environment(),
-               "config": {k: getattr(args, k) for k in ("device", "C", "H", "T", "B", "V", "t2", "repeats", "threads")},
-               "units": {"seconds": "median wall seconds per estimate (free phase included)",
-                         "memory": "bytes: peak growth during one estimate (fresh process)"},
-               "rows": {}}
+    results = {
+        "environment": environment(),
+        "config": {k: getattr(args, k) for k in ("device", "C", "H", "T", "B", "V", "t2", "repeats", "threads")},
+        "units": {
+            "seconds": "median wall seconds per estimate (free phase included)",
+            "memory": "bytes: peak growth during one estimate (fresh process)",
+        },
+        "rows": {},
+    }
     names = list(estimators(args.t2))
     for name in names:
         cmd = [sys.executable, __file__, "--memory-point", name] + [
-            f"--{k}={getattr(args, k)}" for k in ("device", "C", "H", "T", "B", "V", "t2", "threads")]
+            f"--{k}={getattr(args, k)}" for k in ("device", "C", "H", "T", "B", "V", "t2", "threads")
+        ]
         # Blocks >= 64 KiB from mmap, returned on free: RSS then tracks live tensor memory.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        mem = int(subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1])
+        mem = int(
+            subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
+        )
         row = {"seconds": time_point(args, device, name), "memory": mem}
         base = results["rows"].get("implicit", row)
         row["time_vs_implicit"] = row["seconds"] / base["seconds"]
         row["memory_vs_implicit"] = row["memory"] / base["memory"] if base["memory"] > 0 else None
         results["rows"][name] = row
         write_results(args.name, results)  # row by row
-        print(f"{name:24s} {row['seconds'] * 1e3:9.1f} ms  x{row['time_vs_implicit']:5.2f}   "
-              f"{row['memory'] / 2**20:8.1f} MiB", flush=True)
+        print(
+            f"{name:24s} {row['seconds'] * 1e3:9.1f} ms  x{row['time_vs_implicit']:5.2f}   "
+            f"{row['memory'] / 2**20:8.1f} MiB",
+            flush=True,
+        )
     r = results["rows"]
     results["holo4_vs_one_nudged_relaxation"] = r["ep_holo4_fixed"]["seconds"] / r["ep_onesided_fixed"]["seconds"]
-    results["memory_t2_80_vs_t2_20"] = r["ep_symmetric_fixed_t2_80"]["memory"] / max(1, r["ep_symmetric_fixed_t2_20"]["memory"])
+    results["memory_t2_80_vs_t2_20"] = r["ep_symmetric_fixed_t2_80"]["memory"] / max(
+        1, r["ep_symmetric_fixed_t2_20"]["memory"]
+    )
     write_results(args.name, results)
 
 

@@ -38,16 +38,38 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 GPU_SIZE = dict(k=6, seq_len=6400, batch=8, n_layer=4, n_head=8, d_model=256, steps=10, warmup=3)
 CPU_SIZE = dict(k=3, seq_len=800, batch=4, n_layer=2, n_head=4, d_model=64, steps=4, warmup=1)
 # The k = 4 recipe the GPU run trains end to end (a TrainConfig; eval and final sets at their defaults).
-RECIPE_K4 = dict(k=4, n_layer=4, n_head=8, d_model=256, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=200,
-                 max_steps=3000, eval_every=250, eval_batches=8, eval_batch_size=32, final_eval_batches=32,
-                 bf16=True, target_gap_pct=3.0, progress=False)
+RECIPE_K4 = dict(
+    k=4,
+    n_layer=4,
+    n_head=8,
+    d_model=256,
+    batch_size=64,
+    lr=1e-3,
+    min_lr=1e-4,
+    warmup_steps=200,
+    max_steps=3000,
+    eval_every=250,
+    eval_batches=8,
+    eval_batch_size=32,
+    final_eval_batches=32,
+    bf16=True,
+    target_gap_pct=3.0,
+    progress=False,
+)
 
 
 def throughput(size: dict, *, bf16: bool, kernel: str, checkpointing: bool, device: str) -> dict:
     """tokens/s and peak memory of full optimizer steps (forward, backward, AdamW) at one setting."""
     torch.manual_seed(0)
-    model = Transformer(2, n_layer=size["n_layer"], n_head=size["n_head"], d_model=size["d_model"],
-                        max_len=size["seq_len"], pos_enc="rope", grad_checkpointing=checkpointing).to(device)
+    model = Transformer(
+        2,
+        n_layer=size["n_layer"],
+        n_head=size["n_head"],
+        d_model=size["d_model"],
+        max_len=size["seq_len"],
+        pos_enc="rope",
+        grad_checkpointing=checkpointing,
+    ).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = markov.sample(size["batch"], size["k"], seq_len=size["seq_len"], seed=0, device=device)
     backends = {"math": [SDPBackend.MATH], "flash": [SDPBackend.FLASH_ATTENTION]}
@@ -63,7 +85,7 @@ def throughput(size: dict, *, bf16: bool, kernel: str, checkpointing: bool, devi
                         torch.cuda.reset_peak_memory_stats()
                     t0 = time.perf_counter()
                 with autocast:
-                    loss = next_token_nll(model(x), x)[:, size["k"]:].mean()
+                    loss = next_token_nll(model(x), x)[:, size["k"] :].mean()
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -71,7 +93,7 @@ def throughput(size: dict, *, bf16: bool, kernel: str, checkpointing: bool, devi
                 torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         row["tokens_per_s"] = size["steps"] * x.numel() / dt
-        row["peak_mem_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None)
+        row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
     except torch.OutOfMemoryError:
         row["tokens_per_s"], row["peak_mem_mib"], row["error"] = None, None, "out of memory"
     except RuntimeError as err:  # e.g. no flash kernel for this shape / dtype
@@ -83,23 +105,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-recipe", action="store_true", help="skip the k = 4 training run (GPU only)")
     parser.add_argument("--recipe-only", action="store_true", help="only the k = 4 training run (GPU only)")
-    parser.add_argument("--recipe-dir", default=str(ROOT / "runs" / "bench_markov_k4"),
-                        help="the recipe run's out_dir (checkpoints, history, figures)")
+    parser.add_argument(
+        "--recipe-dir",
+        default=str(ROOT / "runs" / "bench_markov_k4"),
+        help="the recipe run's out_dir (checkpoints, history, figures)",
+    )
     parser.add_argument("--out", default=None, help="output JSON (default depends on the device)")
     args = parser.parse_args()
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     size = GPU_SIZE if gpu else CPU_SIZE
-    out = pathlib.Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
-        "markov_train.json" if gpu else "markov_train_cpu.json")
-    res = Results(str(out), environment=environment(), reduced_size=not gpu, size=size, goal_speedup=3.0,
-                  note=None if gpu else "CPU, reduced size: no flash kernel (the fast rows use SDPA's default "
-                                        "CPU kernel); peak memory is only measured on CUDA")
+    out = (
+        pathlib.Path(args.out)
+        if args.out
+        else ROOT / "benchmarks" / "results" / ("markov_train.json" if gpu else "markov_train_cpu.json")
+    )
+    res = Results(
+        str(out),
+        environment=environment(),
+        reduced_size=not gpu,
+        size=size,
+        goal_speedup=3.0,
+        note=None
+        if gpu
+        else "CPU, reduced size: no flash kernel (the fast rows use SDPA's default "
+        "CPU kernel); peak memory is only measured on CUDA",
+    )
     if not args.recipe_only:
         fast_kernel = "flash" if gpu else "default"  # CPU has no flash kernel: SDPA picks its fused CPU kernel
-        settings = [(False, "math", False), (False, "math", True), (True, fast_kernel, False),
-                    (True, fast_kernel, True)]
+        settings = [
+            (False, "math", False),
+            (False, "math", True),
+            (True, fast_kernel, False),
+            (True, fast_kernel, True),
+        ]
         rows = []
         print(f"device {torch.cuda.get_device_name() if gpu else platform.processor() or 'cpu'}; size {size}")
         print(f"{'bf16':>5} {'attention':>9} {'ckpt':>5} {'tokens/s':>10} {'peak MiB':>9}")
@@ -125,17 +165,28 @@ def main() -> None:
         def record_eval(record, _model):  # every evaluation reaches the JSON as it happens
             if record.get("gap_pct") is not None:
                 res.doc["recipe_k4"]["evals"].append(
-                    {key: record.get(key) for key in ("step", "train_loss", "gap_pct", "gap_se", "tokens_per_s",
-                                                      "elapsed_s")})
+                    {
+                        key: record.get(key)
+                        for key in ("step", "train_loss", "gap_pct", "gap_se", "tokens_per_s", "elapsed_s")
+                    }
+                )
                 res.set("recipe_k4", "wall_s", time.perf_counter() - t0)
 
         s = train(TrainConfig(**RECIPE_K4, out_dir=args.recipe_dir), callback=record_eval)
         res.doc["recipe_k4"].update(
-            status=s.status, steps=s.steps, wall_s=time.perf_counter() - t0, best_gap_pct=s.best_gap_pct,
+            status=s.status,
+            steps=s.steps,
+            wall_s=time.perf_counter() - t0,
+            best_gap_pct=s.best_gap_pct,
             final=[{key: f[key] for key in ("seed", "n_seqs", "gap_pct", "gap_se")} for f in s.final],
-            gate_passed=s.gate_passed, figures=s.figures, message=s.message)
-        print(f"k=4 recipe: {s.status} after {s.steps} steps, {res.doc['recipe_k4']['wall_s']:.0f} s; final gaps "
-              + (", ".join(f"{f['gap_pct']:+.2f}% +- {f['gap_se']:.2f}" for f in s.final) or "none"))
+            gate_passed=s.gate_passed,
+            figures=s.figures,
+            message=s.message,
+        )
+        print(
+            f"k=4 recipe: {s.status} after {s.steps} steps, {res.doc['recipe_k4']['wall_s']:.0f} s; final gaps "
+            + (", ".join(f"{f['gap_pct']:+.2f}% +- {f['gap_se']:.2f}" for f in s.final) or "none")
+        )
     elif args.recipe_only:
         print("no CUDA device: the k = 4 recipe runs on a GPU only")
     res.finish()

@@ -1,4 +1,4 @@
-"""Time the relaxation engine against eager PyTorch loops (issue 4; DESIGN.md §4, §5).
+"""Time the relaxation engine against eager PyTorch loops (docs/design.md §4, §5).
 
 Per relaxation step (one F evaluation + update + residual bookkeeping), for the equilibrium block:
 
@@ -97,8 +97,10 @@ def bench_steps(args, device, dtype, record=lambda key, value: None):
         put("engine_picard", lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0))
         if device.type == "cuda":
             put("engine_picard_no_graph", lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, cuda_graph=False))
-            put("engine_picard_graph_check8",
-                lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, cuda_graph=True, check_every=8))
+            put(
+                "engine_picard_graph_check8",
+                lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, cuda_graph=True, check_every=8),
+            )
         put("engine_anderson", lambda: eqprop.relax(blk, x, max_steps=n, tol=0.0, solver="anderson"))
         put("eager_reference", lambda: ref_solvers.picard(ref_F, x, max_steps=n, tol=0.0))
         put("eager_cpp_block", lambda: ref_solvers.picard(blk, x, max_steps=n, tol=0.0))
@@ -107,8 +109,7 @@ def bench_steps(args, device, dtype, record=lambda key, value: None):
 
             fp = get_solver("fixed_point_iter")
             z0 = torch.zeros_like(x)
-            put("torchdeq_fixed_point_iter",
-                lambda: fp(lambda z: blk(z, x), z0, max_iter=n, tol=0.0, stop_mode="rel"))
+            put("torchdeq_fixed_point_iter", lambda: fp(lambda z: blk(z, x), z0, max_iter=n, tol=0.0, stop_mode="rel"))
         except Exception as err:  # recorded, not hidden: the JSON says why TorchDEQ is missing
             why = f"unavailable: {type(err).__name__}: {err}"
             _figure(out, record, "torchdeq_fixed_point_iter", lambda: why)
@@ -127,17 +128,22 @@ def bench_backward(args, device, dtype, record=lambda key, value: None):
 
     def eager_adjoint(F):
         """Plain eager adjoint loop (reference solver) over F, then one parameter VJP."""
+
         def run():
             zz = z_star.detach().requires_grad_(True)
             g = torch.autograd.grad(zz.float().square().mean(), zz)[0]
             lam = ref_solvers.adjoint(F, x, z_star, g, max_steps=k, tol=0.0)
             with torch.enable_grad():
                 torch.autograd.grad(F(z_star, x), list(blk.parameters()), lam)
+
         return run
 
     out = {}
-    for key, fn in (("engine_implicit", engine), ("eager_reference_adjoint", eager_adjoint(ref_F)),
-                    ("eager_cpp_block_adjoint", eager_adjoint(blk))):
+    for key, fn in (
+        ("engine_implicit", engine),
+        ("eager_reference_adjoint", eager_adjoint(ref_F)),
+        ("eager_cpp_block_adjoint", eager_adjoint(blk)),
+    ):
         _figure(out, record, key, lambda fn=fn: _time(fn, device, args.repeats) / k)
     return out
 
@@ -182,13 +188,36 @@ def bench_memory(args, device, dtype, record=lambda mode, steps, value: None):
         out[mode] = {}
         for steps in args.memory_steps:
             if device.type == "cuda":
-                _figure(out[mode], lambda key, value, mode=mode: record(mode, key, value), str(steps),
-                        lambda mode=mode, steps=steps: memory_point(args, device, dtype, mode, steps))
+                _figure(
+                    out[mode],
+                    lambda key, value, mode=mode: record(mode, key, value),
+                    str(steps),
+                    lambda mode=mode, steps=steps: memory_point(args, device, dtype, mode, steps),
+                )
                 continue
-            cmd = [sys.executable, __file__, "--memory-point", mode, str(steps), "--device", str(device),
-                   "--dtypes", str(dtype).replace("torch.", ""), "--C", str(args.C), "--H", str(args.H),
-                   "--T", str(args.T), "--B", str(args.B), "--threads", str(args.threads),
-                   "--backward-steps", str(args.backward_steps)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--memory-point",
+                mode,
+                str(steps),
+                "--device",
+                str(device),
+                "--dtypes",
+                str(dtype).replace("torch.", ""),
+                "--C",
+                str(args.C),
+                "--H",
+                str(args.H),
+                "--T",
+                str(args.T),
+                "--B",
+                str(args.B),
+                "--threads",
+                str(args.threads),
+                "--backward-steps",
+                str(args.backward_steps),
+            ]
             # Blocks >= 64 KiB from mmap, returned on free: RSS then tracks live tensor memory.
             env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
             res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
@@ -237,12 +266,26 @@ def main(argv=None):
     except Exception as err:
         torchdeq_version = f"not available ({type(err).__name__}: {err})"
     res = Results(
-        args.out, environment=environment(), torchdeq=torchdeq_version,
-        config={"C": args.C, "H": args.H, "T": args.T, "B": args.B, "forward_steps": args.steps,
-                "backward_steps": args.backward_steps, "repeats": args.repeats, "timer": "best of repeats"},
-        units={"per_step": "seconds per relaxation step", "per_vjp": "seconds per adjoint VJP",
-               "memory": "bytes (peak growth during forward + backward)"},
-        runs={})
+        args.out,
+        environment=environment(),
+        torchdeq=torchdeq_version,
+        config={
+            "C": args.C,
+            "H": args.H,
+            "T": args.T,
+            "B": args.B,
+            "forward_steps": args.steps,
+            "backward_steps": args.backward_steps,
+            "repeats": args.repeats,
+            "timer": "best of repeats",
+        },
+        units={
+            "per_step": "seconds per relaxation step",
+            "per_vjp": "seconds per adjoint VJP",
+            "memory": "bytes (peak growth during forward + backward)",
+        },
+        runs={},
+    )
     for dtype in dtypes:
         name = str(dtype).replace("torch.", "")
         res.set("runs", name, {})
@@ -261,16 +304,23 @@ def main(argv=None):
         steps = bench_steps(args, device, dtype, on_step)
         back = bench_backward(args, device, dtype, on_vjp)
         run = res.doc["runs"][name]
-        run.update({"speedup_per_step_vs_eager_reference": _ratio(steps["eager_reference"], steps["engine_picard"]),
-                    "speedup_per_step_vs_eager_cpp_block": _ratio(steps["eager_cpp_block"], steps["engine_picard"]),
-                    "speedup_per_vjp_vs_eager_reference": _ratio(back["eager_reference_adjoint"],
-                                                                 back["engine_implicit"])})
+        run.update(
+            {
+                "speedup_per_step_vs_eager_reference": _ratio(steps["eager_reference"], steps["engine_picard"]),
+                "speedup_per_step_vs_eager_cpp_block": _ratio(steps["eager_cpp_block"], steps["engine_picard"]),
+                "speedup_per_vjp_vs_eager_reference": _ratio(back["eager_reference_adjoint"], back["engine_implicit"]),
+            }
+        )
         if device.type == "cuda":
             run["speedup_per_step_graph_vs_no_graph"] = _ratio(steps["engine_picard_no_graph"], steps["engine_picard"])
         res.set("runs", name, run)
         if args.memory_steps:
-            bench_memory(args, device, dtype,
-                         lambda mode, n, v, name=name: res.set("runs", name, "memory_vs_forward_steps", mode, n, v))
+            bench_memory(
+                args,
+                device,
+                dtype,
+                lambda mode, n, v, name=name: res.set("runs", name, "memory_vs_forward_steps", mode, n, v),
+            )
             print(f"[{name}] memory:   {run['memory_vs_forward_steps']}")
     res.finish()
     print(f"wrote {args.out}")

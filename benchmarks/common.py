@@ -30,8 +30,9 @@ def timeit(fn, *, repeat: int = 5, warmup: int = 1, device: str = "cpu") -> floa
 def environment() -> dict:
     """Device, versions and commit, recorded next to every figure."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__), check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__), check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
     import eqprop

@@ -20,8 +20,9 @@ x = torch.randn(B, T, C, dtype=torch.float64)  # injection (token + position emb
 # Free phase: damped Picard vs Anderson, per-sample stats, lowest-residual iterate per sample.
 for solver in ("picard", "anderson"):
     z, info = eqprop.relax(block, x, solver=solver, tol=1e-8, max_steps=200)
-    print(f"{solver:>8}: {info.n_evals:3d} F evaluations, max rel residual {info.rel_max:.1e}, "
-          f"status {info.status_names}")
+    print(
+        f"{solver:>8}: {info.n_evals:3d} F evaluations, max rel residual {info.rel_max:.1e}, status {info.status_names}"
+    )
 
 # z* on the autograd graph; the backward solves (I - J^T) lambda = dl/dz* with VJPs only.
 target = torch.randn(B, T, C, dtype=torch.float64)
@@ -37,8 +38,11 @@ block.eval()
 # The same gradient as an estimator (the interface the EP estimators share), against BPTT(h).
 loss_fn = lambda z: (z - target).pow(2).mean()  # noqa: E731
 exact = estimators.Implicit(tol=1e-8, max_steps=300).grad(block, x, loss_fn)
-print("adjoint steps per sample:", exact.stats["backward"]["steps"].tolist(),
-      f"(residual <= {float(exact.stats['backward']['residual'].max()):.1e})")
+print(
+    "adjoint steps per sample:",
+    exact.stats["backward"]["steps"].tolist(),
+    f"(residual <= {float(exact.stats['backward']['residual'].max()):.1e})",
+)
 for h in (1, 2, 4, 8, 16):
     bptt = estimators.BPTT(h, tol=1e-8, max_steps=300).grad(block, x, loss_fn)
     num = sum((bptt.grads[n] - g).pow(2).sum() for n, g in exact.grads.items()).sqrt()

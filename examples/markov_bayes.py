@@ -12,8 +12,10 @@ shorter = markov.bayes_nll(tokens, k - 1, dtype=torch.float64)  # a model that s
 
 per_seq = bayes[:, k:].mean(1)
 anchor = markov.BAYES_NLL_ANCHORS[k]  # 10^6-sequence Monte-Carlo mean with its SE
-print(f"Bayes NLL per token: {per_seq.mean():.4f} +- {per_seq.std() / len(per_seq) ** 0.5:.4f} "
-      f"(anchor {anchor.nll:.5f} +- {anchor.se:.5f})")
+print(
+    f"Bayes NLL per token: {per_seq.mean():.4f} +- {per_seq.std() / len(per_seq) ** 0.5:.4f} "
+    f"(anchor {anchor.nll:.5f} +- {anchor.se:.5f})"
+)
 gap, se = markov.gap_pct(shorter, bayes, k)
 print(f"order-{k - 1} predictor on order-{k} data: gap to Bayes {gap:+.2f}% +- {se:.2f}")
 _, coverage = markov.context_coverage(tokens, k)

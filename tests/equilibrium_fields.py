@@ -40,4 +40,3 @@ class Scaled:
 
     def __call__(self, z, x):
         return self.s.reshape(-1, *([1] * (z.dim() - 1))) * z + x
-

@@ -1,4 +1,4 @@
-"""The equilibrium transformer block (DESIGN.md §4): the C++ F against the plain reference for every
+"""The equilibrium transformer block (docs/design.md §4): the C++ F against the plain reference for every
 option, gradients, holomorphy, the energy / monotone / spectral guarantees, bad input."""
 
 import itertools
@@ -62,24 +62,47 @@ def _bound(blk, z, x, dtype=None):
     return tol(dtype or z.dtype, n=STAGES, scale=condition_scale(F, args))
 
 
-OPTIONS = list(itertools.product(["coupled", "sequential"], ["softmax", "energy"], ["mlp", "monotone"],
-                                 [True, False], [True, False], [None, 0.5], [False, True]))
-OPTION_IDS = ["-".join([c, a, f, "qk" if q else "noqk", "bias" if b else "nobias",
-                        f"rho{r}" if r else "norho", "rope" if p else "norope"])
-              for c, a, f, q, b, r, p in OPTIONS]
+OPTIONS = list(
+    itertools.product(
+        ["coupled", "sequential"],
+        ["softmax", "energy"],
+        ["mlp", "monotone"],
+        [True, False],
+        [True, False],
+        [None, 0.5],
+        [False, True],
+    )
+)
+OPTION_IDS = [
+    "-".join(
+        [
+            c,
+            a,
+            f,
+            "qk" if q else "noqk",
+            "bias" if b else "nobias",
+            f"rho{r}" if r else "norho",
+            "rope" if p else "norope",
+        ]
+    )
+    for c, a, f, q, b, r, p in OPTIONS
+]
 
 
 def _kw(opt):
     coupling, attention, ffn, qk_norm, bias, rho, rope = opt
-    return dict(coupling=coupling, attention=attention, ffn=ffn, qk_norm=qk_norm, bias=bias, spectral_rho=rho,
-                rope=rope)
+    return dict(
+        coupling=coupling, attention=attention, ffn=ffn, qk_norm=qk_norm, bias=bias, spectral_rho=rho, rope=rope
+    )
 
 
 # ---- F equals the reference ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("opt", OPTIONS, ids=OPTION_IDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex128, torch.complex64],
-                         ids=["f32", "f64", "c128", "c64"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.complex128, torch.complex64], ids=["f32", "f64", "c128", "c64"]
+)
 def test_matches_reference(opt, dtype):
     """The C++ F in dtype against the reference in float64 / complex128 on the same weights and inputs."""
     blk = _block(dtype.to_real() if dtype.is_complex else dtype, **_kw(opt))
@@ -118,8 +141,9 @@ def test_sdpa_and_math_attention_agree():
 def test_block_differs_between_options():
     # Guards the reference comparison against options that silently do nothing.
     z, x = torch.randn(1, 5, 8, dtype=torch.float64), torch.randn(1, 5, 8, dtype=torch.float64)
-    base = dict(coupling="coupled", attention="softmax", ffn="mlp", qk_norm=True, bias=True, spectral_rho=None,
-                rope=False)
+    base = dict(
+        coupling="coupled", attention="softmax", ffn="mlp", qk_norm=True, bias=True, spectral_rho=None, rope=False
+    )
     F0 = _block(**base)(z, x)
     for key, value in [("coupling", "sequential"), ("qk_norm", False), ("rope", True), ("spectral_rho", 0.3)]:
         F1 = _block(**{**base, key: value})(z, x)
@@ -128,9 +152,18 @@ def test_block_differs_between_options():
 
 # ---- gradients ----------------------------------------------------------------------------------
 
-GRAD_OPTIONS = [dict(coupling=c, attention=a, ffn=f, qk_norm=True, bias=True, rope=(f == "mlp"),
-                     spectral_rho=0.8 if c == "sequential" else None)
-                for c, a, f in itertools.product(["coupled", "sequential"], ["softmax", "energy"], ["mlp", "monotone"])]
+GRAD_OPTIONS = [
+    dict(
+        coupling=c,
+        attention=a,
+        ffn=f,
+        qk_norm=True,
+        bias=True,
+        rope=(f == "mlp"),
+        spectral_rho=0.8 if c == "sequential" else None,
+    )
+    for c, a, f in itertools.product(["coupled", "sequential"], ["softmax", "energy"], ["mlp", "monotone"])
+]
 
 
 @pytest.mark.parametrize("kw", GRAD_OPTIONS, ids=lambda kw: f"{kw['coupling']}-{kw['attention']}-{kw['ffn']}")
@@ -157,6 +190,7 @@ def test_gradgradcheck_z(kw):
 
 
 # ---- holomorphy -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kw", GRAD_OPTIONS, ids=lambda kw: f"{kw['coupling']}-{kw['attention']}-{kw['ffn']}")
 def test_holomorphic(kw):
@@ -192,6 +226,7 @@ def test_complex_field_vjp_is_plain_transpose():
 
 
 # ---- the field ------------------------------------------------------------------------------------
+
 
 def test_field_products_match_autograd():
     blk = _block(coupling="sequential", attention="softmax", ffn="monotone", bias=True, spectral_rho=0.7)
@@ -231,6 +266,7 @@ def test_field_cache_follows_parameter_updates():
 
 # ---- energy attention -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("qk_norm,rope,bias", [(False, False, False), (True, False, True), (True, True, False)])
 def test_energy_attention_is_symmetric_gradient(qk_norm, rope, bias):
     blk = _block(attention="energy", qk_norm=qk_norm, rope=rope, bias=bias)
@@ -252,17 +288,18 @@ def test_softmax_attention_jacobian_is_not_symmetric():
     blk = _block(attention="softmax")
     u = torch.randn(1, 4, 8, dtype=torch.float64)
     J = torch.autograd.functional.jacobian(
-        lambda u: _C.block_attention(blk.config, blk.param_list(), blk.sn_u_list(), u), u).reshape(32, 32)
+        lambda u: _C.block_attention(blk.config, blk.param_list(), blk.sn_u_list(), u), u
+    ).reshape(32, 32)
     assert (J - J.T).abs().max() > 1e-2 * J.abs().max()
 
 
 # ---- monotone FFN ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("scale,m,rho", [(0.05, 0.1, None), (1.0, 0.1, None), (3.0, 0.3, None), (3.0, 0.1, 0.5)])
 def test_monotone_ffn_is_contractive(scale, m, rho):
     torch.manual_seed(3)
-    blk = eqprop.EquilibriumBlock(8, 2, ffn="monotone", bias=True, monotone_m=m, spectral_rho=rho,
-                                  dtype=torch.float64)
+    blk = eqprop.EquilibriumBlock(8, 2, ffn="monotone", bias=True, monotone_m=m, spectral_rho=rho, dtype=torch.float64)
     with torch.no_grad():
         for p in blk.parameters():
             p.copy_(scale * torch.randn_like(p))
@@ -277,7 +314,8 @@ def test_monotone_ffn_is_contractive(scale, m, rho):
     for _ in range(3):
         u = 2 * torch.randn(1, 3, 8, dtype=torch.float64)
         J = torch.autograd.functional.jacobian(
-            lambda u: _C.block_ffn(blk.config, blk.param_list(), blk.sn_u_list(), u), u).reshape(24, 24)
+            lambda u: _C.block_ffn(blk.config, blk.param_list(), blk.sn_u_list(), u), u
+        ).reshape(24, 24)
         assert torch.linalg.matrix_norm(J, 2) <= cap + tol(J.dtype, n=J.numel(), scale=cap)
     # the construction only shrinks when its bound exceeds the cap: B = 0 and ‖A‖_F² ≤ 2(1−m)
     # leave W = (1−m)I − AᵀA as is (its norm is 1−m already), larger A is shrunk
@@ -292,6 +330,7 @@ def test_monotone_ffn_is_contractive(scale, m, rho):
 
 
 # ---- spectral normalization -----------------------------------------------------------------------
+
 
 def test_spectral_rho_respected():
     rho = 0.6
@@ -334,20 +373,24 @@ def test_training_mode_backward_through_several_forwards():
 
 # ---- bad input ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(d_model=10, n_heads=3), r"d_model must be divisible by n_heads, got d_model=10 and n_heads=3"),
-    (dict(coupling="parallel"), r'coupling must be one of "coupled", "sequential"; got "parallel"'),
-    (dict(attention="linear"), r'attention must be one of "softmax", "energy"; got "linear"'),
-    (dict(ffn="moe"), r'ffn must be one of "mlp", "monotone"; got "moe"'),
-    (dict(attn_kernel="flash"), r'attn_kernel must be one of "auto", "math"; got "flash"'),
-    (dict(spectral_rho=0.0), r"spectral_rho must be a finite number > 0"),
-    (dict(spectral_rho=-1.0), r"spectral_rho must be a finite number > 0"),
-    (dict(d_model=6, n_heads=2, rope=True), r"rope needs an even head dimension d_model / n_heads, got 3"),
-    (dict(monotone_m=1.0), r"monotone_m must be in \(0, 1\), got 1"),
-    (dict(d_model=0, n_heads=1), r"d_model must be >= 1, got 0"),
-    (dict(resinit=-0.1), r"resinit must be a finite number >= 0, got -0.1"),
-    (dict(dtype=torch.int64), r"dtype must be a real floating dtype"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(d_model=10, n_heads=3), r"d_model must be divisible by n_heads, got d_model=10 and n_heads=3"),
+        (dict(coupling="parallel"), r'coupling must be one of "coupled", "sequential"; got "parallel"'),
+        (dict(attention="linear"), r'attention must be one of "softmax", "energy"; got "linear"'),
+        (dict(ffn="moe"), r'ffn must be one of "mlp", "monotone"; got "moe"'),
+        (dict(attn_kernel="flash"), r'attn_kernel must be one of "auto", "math"; got "flash"'),
+        (dict(spectral_rho=0.0), r"spectral_rho must be a finite number > 0"),
+        (dict(spectral_rho=-1.0), r"spectral_rho must be a finite number > 0"),
+        (dict(d_model=6, n_heads=2, rope=True), r"rope needs an even head dimension d_model / n_heads, got 3"),
+        (dict(monotone_m=1.0), r"monotone_m must be in \(0, 1\), got 1"),
+        (dict(d_model=0, n_heads=1), r"d_model must be >= 1, got 0"),
+        (dict(resinit=-0.1), r"resinit must be a finite number >= 0, got -0.1"),
+        (dict(dtype=torch.int64), r"dtype must be a real floating dtype"),
+    ],
+)
 def test_bad_config(kwargs, match):
     kwargs = {"d_model": 8, "n_heads": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -373,11 +416,15 @@ def test_bad_inputs():
         ((z, x[:, :3]), r"x must have the shape of z \[2, 5, 8\], got \[2, 3, 8\]"),
         ((z.float(), x.float()), r"z must have the parameters' dtype \(Double\), got Float"),
         ((z, x.float()), r"x must have the dtype of z \(Double\), got Float"),
-        ((z.to(torch.complex64), x.to(torch.complex64)),
-         r"complex z of dtype ComplexFloat needs parameters of dtype Float, got Double"),
+        (
+            (z.to(torch.complex64), x.to(torch.complex64)),
+            r"complex z of dtype ComplexFloat needs parameters of dtype Float, got Double",
+        ),
         ((z.long(), x.long()), r"z must be a floating or complex tensor, got Long"),
-        ((z, torch.where(torch.arange(8) == 3, float("nan"), x)),
-         r"x \(the injection\) must be finite, got 10 non-finite"),
+        (
+            (z, torch.where(torch.arange(8) == 3, float("nan"), x)),
+            r"x \(the injection\) must be finite, got 10 non-finite",
+        ),
         ((z, x.to("meta")), r"x must be on the device of z \(cpu\), got meta"),
         ((z.to("meta"), x.to("meta")), r"z and x must be on the parameters' device \(cpu\), got meta"),
     ]
@@ -416,8 +463,10 @@ def test_gradcheck_complex(attention, ffn):
     cfg, sn_u = blk.config, blk.sn_u_list()
     params = [p.detach().clone().requires_grad_(True) for p in blk.param_list()][:4]
     rest = blk.param_list()[4:]
-    cplx = lambda: torch.complex(torch.randn(1, 3, 4, dtype=torch.float64),  # noqa: E731
-                                 0.2 * torch.randn(1, 3, 4, dtype=torch.float64)).requires_grad_(True)
+    cplx = lambda: torch.complex(
+        torch.randn(1, 3, 4, dtype=torch.float64),  # noqa: E731
+        0.2 * torch.randn(1, 3, 4, dtype=torch.float64),
+    ).requires_grad_(True)
     z, x = cplx(), cplx()
 
     def F(z, x, *head):
@@ -428,10 +477,10 @@ def test_gradcheck_complex(attention, ffn):
 
 # ---- the block in the engine ----------------------------------------------------------------------
 
+
 def test_implicit_gradient_through_block_matches_finite_differences():
     """∇θ ℓ(z*(θ)) by eqprop.fixed_point (implicit, native block field) vs central differences."""
-    blk = _block(d_model=8, n_heads=2, perturb=0.1, coupling="sequential", bias=True, spectral_rho=0.9,
-                 resinit=0.3)
+    blk = _block(d_model=8, n_heads=2, perturb=0.1, coupling="sequential", bias=True, spectral_rho=0.9, resinit=0.3)
     torch.manual_seed(4)
     x = torch.randn(1, 4, 8, dtype=torch.float64)
     w = torch.randn(1, 4, 8, dtype=torch.float64)
@@ -455,8 +504,11 @@ def test_implicit_gradient_through_block_matches_finite_differences():
         check((p.grad * d).sum(), fd, bound, name)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(attention="energy", ffn="monotone", rope=True, spectral_rho=0.7)],
-                         ids=["softmax-mlp", "energy-monotone"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(attention="energy", ffn="monotone", rope=True, spectral_rho=0.7)],
+    ids=["softmax-mlp", "energy-monotone"],
+)
 def test_bfloat16_block_tracks_float64(kw):
     blk = _block(**kw)
     b16 = _block(dtype=torch.bfloat16, **kw)
@@ -502,10 +554,20 @@ def test_fixed_point_is_holomorphic_in_x():
 
 # ---- EquilibriumLM --------------------------------------------------------------------------------
 
+
 def _lm(pos="learned", **kw):
     torch.manual_seed(0)
-    return eqprop.EquilibriumLM(3, 8, 2, max_len=12, pos_enc=pos, mlp_ratio=2, dtype=torch.float64,
-                                fixed_point=dict(max_steps=25, tol=0.0), **kw)
+    return eqprop.EquilibriumLM(
+        3,
+        8,
+        2,
+        max_len=12,
+        pos_enc=pos,
+        mlp_ratio=2,
+        dtype=torch.float64,
+        fixed_point=dict(max_steps=25, tol=0.0),
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
@@ -595,9 +657,15 @@ def test_lm_learns_markov_k1():
     torch.manual_seed(0)
     # Training tolerates an adjoint that ends a little above backward_tol on some step (an inexact
     # gradient); the last forward's convergence is asserted below.
-    lm = eqprop.EquilibriumLM(2, 32, 2, max_len=L, mlp_ratio=2, spectral_rho=1.0,
-                              fixed_point=dict(max_steps=20, tol=1e-3, backward_max_steps=30, backward_tol=1e-4,
-                                               on_nonconvergence="ignore"))
+    lm = eqprop.EquilibriumLM(
+        2,
+        32,
+        2,
+        max_len=L,
+        mlp_ratio=2,
+        spectral_rho=1.0,
+        fixed_point=dict(max_steps=20, tol=1e-3, backward_max_steps=30, backward_tol=1e-4, on_nonconvergence="ignore"),
+    )
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-2, weight_decay=0.0)
     for step in range(80):
         loss = lm.loss(eqprop.markov.sample(32, k, seq_len=L, seed=step))

@@ -1,4 +1,4 @@
-"""Jacobian diagnostics and penalties against the dense Jacobian (DESIGN.md §6, §7)."""
+"""Jacobian diagnostics and penalties against the dense Jacobian (docs/design.md §6, §7)."""
 
 import pytest
 import torch
@@ -49,8 +49,9 @@ def test_spectral_radius_complex_dominant_pair():
     D = torch.zeros(4, 4, dtype=torch.float64)
     D[:2, :2] = 0.8 * torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
     D[2, 2], D[3, 3] = 0.3, -0.5
-    P = torch.eye(4, dtype=torch.float64) + 0.4 * torch.randn(4, 4, dtype=torch.float64,
-                                                              generator=torch.Generator().manual_seed(3))
+    P = torch.eye(4, dtype=torch.float64) + 0.4 * torch.randn(
+        4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
     A = P @ D @ torch.linalg.inv(P)
     x = torch.randn(2, 4, dtype=torch.float64)
     rho = dg.spectral_radius(Linear(A), x, torch.zeros_like(x), iters=2000)
@@ -59,8 +60,12 @@ def test_spectral_radius_complex_dominant_pair():
 
 def test_spectral_norm_complex_field():
     g = torch.Generator().manual_seed(4)
-    A = torch.complex(torch.randn(5, 5, generator=g, dtype=torch.float64),
-                      torch.randn(5, 5, generator=g, dtype=torch.float64)) * 0.2
+    A = (
+        torch.complex(
+            torch.randn(5, 5, generator=g, dtype=torch.float64), torch.randn(5, 5, generator=g, dtype=torch.float64)
+        )
+        * 0.2
+    )
     x = torch.zeros(1, 5, dtype=torch.complex128)
     sigma = dg.spectral_norm(lambda z, x: z @ A.T + x, x, x, iters=300)
     torch.testing.assert_close(sigma, torch.linalg.matrix_norm(A, 2).reshape(1), rtol=1e-8, atol=0)
@@ -74,8 +79,9 @@ def test_monte_carlo_estimates_within_three_standard_errors(device):
     for dist in ("rademacher", "gaussian"):
         _within(dg.frobenius_sq(f, x, z, probes=200, seed=1, dist=dist), float((J**2).sum() / numel))
         _within(dg.nonnormality(f, x, z, probes=200, seed=2, dist=dist), float((J - J.mT).norm() / J.norm()))
-        _within(dg.symmetric_fraction(f, x, z, probes=200, seed=3, dist=dist),
-                float(Js.norm() / (Js.norm() + Ja.norm())))
+        _within(
+            dg.symmetric_fraction(f, x, z, probes=200, seed=3, dist=dist), float(Js.norm() / (Js.norm() + Ja.norm()))
+        )
 
 
 def test_exact_limits_for_symmetric_and_antisymmetric_jacobians():
@@ -157,9 +163,11 @@ def test_block_diagnostics_against_dense_jacobian():
     x = torch.randn(1, 3, 8, dtype=torch.float64)
     z, _ = eqprop.relax(blk, x, tol=1e-12, max_steps=300)
     J = ref.dense_jacobian(blk, x, z).detach()  # [1, 24, 24]
-    torch.testing.assert_close(dg.spectral_norm(blk, x, z, iters=300), torch.linalg.matrix_norm(J, 2),
-                               rtol=1e-6, atol=0)
-    torch.testing.assert_close(dg.spectral_radius(blk, x, z, iters=600),
-                               torch.linalg.eigvals(J).abs().max(-1).values, rtol=1e-2, atol=0)
+    torch.testing.assert_close(
+        dg.spectral_norm(blk, x, z, iters=300), torch.linalg.matrix_norm(J, 2), rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(
+        dg.spectral_radius(blk, x, z, iters=600), torch.linalg.eigvals(J).abs().max(-1).values, rtol=1e-2, atol=0
+    )
     _within(dg.frobenius_sq(blk, x, z, probes=200, seed=1), float((J**2).sum() / z.numel()))
     _within(dg.nonnormality(blk, x, z, probes=200, seed=2), float((J - J.mT).norm() / J.norm()))

@@ -22,6 +22,7 @@ from eqprop.reference import block as ref
 
 # ---- RelaxOptions: one class, defaults and checks in C++ ------------------------------------------
 
+
 def test_relax_options_is_the_bound_class():
     assert eqprop.solvers.RelaxOptions is _C.RelaxOptions
     names = _C.RelaxOptions.fields()
@@ -44,14 +45,23 @@ def test_relax_options_reach_the_engine():
     # eps and stop reach the loop: one damped step from 0 is eps * F(0) = eps * x.
     z, info = eqprop.relax(f, x, max_steps=2, eps=0.25, stop="abs", tol=0.0, trace=False)
     assert info.trace_abs.shape == (0, 3)
-    torch.testing.assert_close(info.abs_lowest, torch.linalg.vector_norm(0.5 * torch.tanh(0.25 * x) + 0.75 * x, dim=1)
-                               .minimum(torch.linalg.vector_norm(x, dim=1)), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        info.abs_lowest,
+        torch.linalg.vector_norm(0.5 * torch.tanh(0.25 * x) + 0.75 * x, dim=1).minimum(
+            torch.linalg.vector_norm(x, dim=1)
+        ),
+        rtol=1e-12,
+        atol=0,
+    )
 
 
 def test_relax_options_reject_bad_values_with_clear_errors():
     R = eqprop.solvers.RelaxOptions
-    with pytest.raises(TypeError, match=r"fixed_point: unknown relaxation option\(s\) \['bogus', 'tolerance'\]; "
-                                        r"valid options are \['max_steps', 'eps'"):
+    with pytest.raises(
+        TypeError,
+        match=r"fixed_point: unknown relaxation option\(s\) \['bogus', 'tolerance'\]; "
+        r"valid options are \['max_steps', 'eps'",
+    ):
         R.from_kwargs("fixed_point", {"tolerance": 1e-3, "bogus": 1})
     with pytest.raises(TypeError, match="unknown relaxation option"):
         R(tolerance=1.0)
@@ -84,7 +94,9 @@ def test_relax_options_reject_bad_values_with_clear_errors():
 
 
 def test_relax_options_copy_replace_pickle():
-    o = eqprop.solvers.RelaxOptions(max_steps=12, tol=1e-7, solver="anderson", cuda_graph=False, on_nonconvergence="raise")
+    o = eqprop.solvers.RelaxOptions(
+        max_steps=12, tol=1e-7, solver="anderson", cuda_graph=False, on_nonconvergence="raise"
+    )
     for c in (copy.copy(o), copy.deepcopy(o), pickle.loads(pickle.dumps(o))):
         assert c == o and c.to_dict() == o.to_dict() and c is not o
     r = o.replace(max_steps=3)
@@ -96,6 +108,7 @@ def test_relax_options_copy_replace_pickle():
 # ---- clear errors -----------------------------------------------------------------------------------
 
 # ---- Ctrl-C inside the native loops ---------------------------------------------------------------
+
 
 def _interrupt_after(seconds: float) -> tuple[threading.Timer, list]:
     sent = []
@@ -155,6 +168,7 @@ def test_ctrl_c_interrupts_the_adjoint_solve():
 
 # ---- pickling: copy, save, AveragedModel, spawn ---------------------------------------------------
 
+
 def _modules():
     torch.manual_seed(0)
     blk = eqprop.EquilibriumBlock(16, 2, spectral_rho=0.9, bias=True, ffn="monotone", dtype=torch.float64)
@@ -179,9 +193,23 @@ def _assert_same_module(a, b):
 
 
 def test_block_config_pickles():
-    cfg = _C.BlockConfig(d_model=12, n_heads=3, d_ff=7, coupling="sequential", attention="energy", ffn="monotone",
-                         qk_norm=False, bias=True, rope=True, rope_base=500.0, spectral_rho=0.7, monotone_m=0.2,
-                         ln_eps=1e-6, qk_eps=1e-7, attn_kernel="math")
+    cfg = _C.BlockConfig(
+        d_model=12,
+        n_heads=3,
+        d_ff=7,
+        coupling="sequential",
+        attention="energy",
+        ffn="monotone",
+        qk_norm=False,
+        bias=True,
+        rope=True,
+        rope_base=500.0,
+        spectral_rho=0.7,
+        monotone_m=0.2,
+        ln_eps=1e-6,
+        qk_eps=1e-7,
+        attn_kernel="math",
+    )
     for c in (copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg))):
         assert c == cfg and repr(c) == repr(cfg) and c is not cfg
         assert (c.rope_base, c.spectral_rho, c.ln_eps, c.qk_eps, c.attn_kernel) == (500.0, 0.7, 1e-6, 1e-7, "math")
@@ -199,8 +227,10 @@ def test_modules_deepcopy_pickle_save_averaged_model():
         "deepcopy": (copy.deepcopy(blk), copy.deepcopy(lm)),
         "pickle": pickle.loads(pickle.dumps((blk, lm))),
         "torch.save": torch.load(buf, weights_only=False),
-        "AveragedModel": (torch.optim.swa_utils.AveragedModel(blk).module,
-                          torch.optim.swa_utils.AveragedModel(lm).module),
+        "AveragedModel": (
+            torch.optim.swa_utils.AveragedModel(blk).module,
+            torch.optim.swa_utils.AveragedModel(lm).module,
+        ),
     }
     for how, (b, m) in copies.items():
         _assert_same_module(b, blk)
@@ -233,6 +263,7 @@ def test_modules_cross_a_spawned_process():
 
 # ---- the block's parameter table ------------------------------------------------------------------
 
+
 def test_parameter_table_drives_names_and_init():
     table = {row["name"]: row for row in _C.block_param_table()}
     C, resinit = 64, 0.3
@@ -251,8 +282,9 @@ def test_parameter_table_drives_names_and_init():
                 assert torch.equal(p, torch.full_like(p, resinit)), n
             else:
                 # N(0, s²) over >= 4096 entries: the sample std is within 10% of s (> 9 standard errors).
-                s = {"fan_in": 1 / p.shape[1] ** 0.5, "fan_in_resinit": resinit / p.shape[1] ** 0.5,
-                     "monotone": 1 / C}[rule]
+                s = {"fan_in": 1 / p.shape[1] ** 0.5, "fan_in_resinit": resinit / p.shape[1] ** 0.5, "monotone": 1 / C}[
+                    rule
+                ]
                 assert abs(float(p.detach().std()) / s - 1) < 0.1, (n, rule)
     # The output projections start small (resinit), the others at the fan-in scale.
     assert table["o_weight"]["init"] == table["ffn_out_weight"]["init"] == "fan_in_resinit"

@@ -50,8 +50,12 @@ def test_block_cuda_agrees_with_cpu(attention):
         torch.testing.assert_close(got, blk_cpu(z, x), rtol=1e-10, atol=1e-10)
     f = blk.vector_field(x.cuda().to(torch.complex128))
     with torch.no_grad():
-        torch.testing.assert_close(f.eval(z.cuda().to(torch.complex128)).cpu(),
-                                   blk_cpu(z.to(torch.complex128), x.to(torch.complex128)), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            f.eval(z.cuda().to(torch.complex128)).cpu(),
+            blk_cpu(z.to(torch.complex128), x.to(torch.complex128)),
+            rtol=1e-10,
+            atol=1e-10,
+        )
 
 
 def test_relax_module_field_cuda_matches_cpu():
@@ -66,6 +70,7 @@ def test_relax_module_field_cuda_matches_cpu():
 
 # --- the block's relaxation replayed as a CUDA graph ----------------------------------------------
 
+
 def _pair(dtype, B=4, T=16, C=32, H=4, **kw):
     """The same block on the CPU (float64) and on the GPU (dtype), and x on both."""
     blk = _block(d_model=C, n_heads=H, perturb=0.1, spectral_rho=0.9, resinit=0.5, **kw)
@@ -74,8 +79,9 @@ def _pair(dtype, B=4, T=16, C=32, H=4, **kw):
     return blk, x, gpu, x.to(device="cuda", dtype=dtype)
 
 
-@pytest.mark.parametrize("check_every,stop,trace", [(1, "rel", True), (4, "rel", True), (7, "abs", False),
-                                                    (40, "rel", True)])
+@pytest.mark.parametrize(
+    "check_every,stop,trace", [(1, "rel", True), (4, "rel", True), (7, "abs", False), (40, "rel", True)]
+)
 @pytest.mark.parametrize("attention", ["softmax", "energy"])
 def test_graph_replay_equals_eager_steps_float64(check_every, stop, trace, attention):
     """float64: the replayed graph runs the eager step's kernels, so z, steps, status and the trace

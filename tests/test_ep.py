@@ -68,12 +68,12 @@ def _linear_problem(n=6, m=3, B=3, *, normal=True, seed=0, x_scale=1e-3):
 def _closed_forms(f, x, loss):
     """(true gradient, uncorrected-EP limit) as flat vectors over (W, U)."""
     W, U, C, y = f.W.detach(), f.U.detach(), loss.C, loss.y
-    I = torch.eye(W.shape[0], dtype=F64)
-    z = torch.linalg.solve(I - W, (x @ U.T).T).T           # [B, n]
-    g = (z @ C.T - y) @ C                                   # ∂ℓ/∂z*, [B, n]
+    eye = torch.eye(W.shape[0], dtype=F64)
+    z = torch.linalg.solve(eye - W, (x @ U.T).T).T  # [B, n]
+    g = (z @ C.T - y) @ C  # ∂ℓ/∂z*, [B, n]
     out = []
-    for M in (I - W.T, I - W):
-        lam = torch.linalg.solve(M, g.T).T                  # [B, n]
+    for M in (eye - W.T, eye - W):
+        lam = torch.linalg.solve(M, g.T).T  # [B, n]
         out.append(torch.cat([(lam.T @ z).flatten(), (lam.T @ x).flatten()]))  # dF/dW: λ zᵀ, dF/dU: λ xᵀ
     return out
 
@@ -92,13 +92,18 @@ def _slope(betas, errs):
 
 # ---- linear fields: orders and exactness ----------------------------------------------------------------
 
-@pytest.mark.parametrize("n_points,order,betas", [
-    (1, 1, np.geomspace(0.02, 0.2, 5)),
-    (2, 2, np.geomspace(0.02, 0.2, 5)),
-    (3, 3, np.geomspace(0.01, 0.1, 5)),
-    (4, 4, np.geomspace(0.01, 0.1, 5)),
-    (6, 6, np.geomspace(0.01, 0.1, 5)),
-], ids=["one-sided", "symmetric", "holo3", "holo4", "holo6"])
+
+@pytest.mark.parametrize(
+    "n_points,order,betas",
+    [
+        (1, 1, np.geomspace(0.02, 0.2, 5)),
+        (2, 2, np.geomspace(0.02, 0.2, 5)),
+        (3, 3, np.geomspace(0.01, 0.1, 5)),
+        (4, 4, np.geomspace(0.01, 0.1, 5)),
+        (6, 6, np.geomspace(0.01, 0.1, 5)),
+    ],
+    ids=["one-sided", "symmetric", "holo3", "holo4", "holo6"],
+)
 def test_error_order_in_beta_on_a_symmetric_linear_field(n_points, order, betas):
     f, x, loss = _linear_problem()
     true, _ = _closed_forms(f, x, loss)
@@ -135,6 +140,7 @@ def test_uncorrected_ep_is_biased_on_a_non_normal_field_and_corrections_remove_i
 
 # ---- nonlinear field --------------------------------------------------------------------------------------
 
+
 def _tanh_problem(seed=4):
     f = TanhLayer(8, scale=0.7, seed=seed)  # W random: asymmetric
     x = torch.randn(3, 8, dtype=F64, generator=torch.Generator().manual_seed(5))
@@ -165,12 +171,15 @@ def test_tracking_beats_frozen_when_the_free_phase_is_not_converged(seed):
     imp = _flat(Implicit(backward_tol=1e-15, backward_max_steps=400, **EXACT).grad(f, x, loss), names)
     rough = dict(tol=0.0, stop="abs", max_steps=3)
     for beta in (0.1, 0.01):
-        err = {c: _rel(_flat(EP(beta, correction=c, t2=T2, **rough).grad(f, x, loss), names), imp)
-               for c in ("frozen", "tracking")}
+        err = {
+            c: _rel(_flat(EP(beta, correction=c, t2=T2, **rough).grad(f, x, loss), names), imp)
+            for c in ("frozen", "tracking")
+        }
         assert err["tracking"] < 0.95 * err["frozen"], (beta, err)
 
 
 # ---- the block ------------------------------------------------------------------------------------------
+
 
 def _block_problem(B=2, T=5, C=8, V=3, seed=0):
     torch.manual_seed(seed)
@@ -196,13 +205,14 @@ def test_block_estimators_against_implicit():
     names = [n for n, _ in blk.named_parameters()]
     flat = lambda e: torch.cat([e.grads[n].flatten() for n in names])  # noqa: E731
     cos, rel = {}, {}
-    for key, est in {"symmetric": EP(1e-3, t2=100, **opts),
-                     "holo4": EP(2e-2, n_points=4, t2=100, **opts),
-                     "tracking4": EP(2e-2, n_points=4, correction="tracking", t2=100, **opts)}.items():
+    for key, est in {
+        "symmetric": EP(1e-3, t2=100, **opts),
+        "holo4": EP(2e-2, n_points=4, t2=100, **opts),
+        "tracking4": EP(2e-2, n_points=4, correction="tracking", t2=100, **opts),
+    }.items():
         e = est.grad(blk, x, ro)
         cos[key], rel[key] = _cosine(flat(e), flat(imp)), _rel(flat(e), flat(imp))
-        per = {n: _cosine(e.grads[n].flatten(), imp.grads[n].flatten()) for n in names
-               if imp.grads[n].norm() > 1e-12}
+        per = {n: _cosine(e.grads[n].flatten(), imp.grads[n].flatten()) for n in names if imp.grads[n].norm() > 1e-12}
         # readout gradients are direct, identical to Implicit's
         for n in ("readout.ln.weight", "readout.ln.bias", "readout.head.weight", "readout.head.bias"):
             torch.testing.assert_close(e.grads[n], imp.grads[n], rtol=1e-12, atol=1e-14)
@@ -230,8 +240,9 @@ def test_native_readout_gradient_equals_autograd_real_and_complex():
     lc = ro(zc[:2]) + ro(zc[2:])
     (gc,) = torch.autograd.grad(lc, zc, grad_outputs=torch.ones((), dtype=lc.dtype))
     torch.testing.assert_close(nat.grad(zc.detach()), gc.conj(), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(nat.loss(zc.detach()), torch.stack([ro(zc[:2]), ro(zc[2:])]).detach(),
-                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        nat.loss(zc.detach()), torch.stack([ro(zc[:2]), ro(zc[2:])]).detach(), rtol=1e-12, atol=0
+    )
     # and it is the readout of EquilibriumLM
     lm = eqprop.EquilibriumLM(5, 8, 2, max_len=6, dtype=F64)
     tokens = torch.randint(0, 5, (2, 6))
@@ -259,7 +270,7 @@ def test_complex_nudged_state_of_block_and_native_readout_equals_dense_reference
             lc = ro(zr)
             (g,) = torch.autograd.grad(lc, zr, grad_outputs=torch.ones((), dtype=lc.dtype))
             z = (blk(z, xc) - b * g.conj()).detach()
-        torch.testing.assert_close(res["z_points"][k:k + 1], z, rtol=0, atol=1e-12)
+        torch.testing.assert_close(res["z_points"][k : k + 1], z, rtol=0, atol=1e-12)
     assert abs(pts["beta"][1] - 1j * beta) < 1e-15 and pts["weight"] == [1.0, 2.0, 1.0]
 
 
@@ -268,8 +279,9 @@ def test_conjugate_shortcut_equals_relaxing_all_points():
     opts = dict(tol=1e-13, stop="abs", max_steps=100)
     for n_points in (3, 4):
         short = EP(0.05, n_points=n_points, correction="tracking", t2=60, **opts).grad(blk, x, ro)
-        full = EP(0.05, n_points=n_points, correction="tracking", t2=60, conjugate_shortcut=False,
-                  **opts).grad(blk, x, ro)
+        full = EP(0.05, n_points=n_points, correction="tracking", t2=60, conjugate_shortcut=False, **opts).grad(
+            blk, x, ro
+        )
         assert len(full.stats["beta_points"]) == n_points
         assert len(short.stats["beta_points"]) == n_points // 2 + 1
         for n in short.grads:
@@ -295,6 +307,7 @@ def test_python_field_and_loss_run_holomorphic_ep():
 
 
 # ---- t2, gate ---------------------------------------------------------------------------------------------
+
 
 def test_t2_selects_the_snapshot_with_the_lowest_residual():
     # F(z) = Wz + x with a non-normal W, ℓ = Σ c·z: the nudged residual is r_t = Wᵗ r_0, r_0 = −βc,
@@ -340,6 +353,7 @@ def test_stats_and_apply_to():
 
 # ---- bad input ---------------------------------------------------------------------------------------------
 
+
 def test_bad_input_is_rejected_with_a_clear_error():
     for beta in (0, -0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="beta must be a finite number > 0"):
@@ -382,7 +396,7 @@ def test_complex_points_need_holomorphic_callables():
     with pytest.raises(TypeError, match=r"loss_fn \(function\) .*not holomorphic"):
         EP(0.05, n_points=4, t2=5).grad(Holo(), x, lambda z: (z.abs() ** 2).sum().to(z.dtype))
     with pytest.raises(TypeError, match=r"loss_fn \(function\) returned torch.float64 for complex input"):
-        EP(0.05, n_points=4, t2=5).grad(Holo(), x, lambda z: (z.real ** 2).sum())
+        EP(0.05, n_points=4, t2=5).grad(Holo(), x, lambda z: (z.real**2).sum())
     with pytest.raises(ValueError, match="EP needs a real field: x must be real"):
         EP(0.05).grad(Holo(), x.to(torch.complex128), loss)
     # real arithmetic (n_points <= 2) never evaluates at complex z: the same field works

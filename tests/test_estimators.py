@@ -1,4 +1,4 @@
-"""Gradient estimators (DESIGN.md §5): Implicit against finite differences, BPTT(h) → Implicit."""
+"""Gradient estimators (docs/design.md §5): Implicit against finite differences, BPTT(h) → Implicit."""
 
 import pytest
 import torch
@@ -82,13 +82,17 @@ def test_bptt_converges_to_implicit_as_horizon_grows():
     imp = Implicit(backward_tol=1e-14, **OPTS).grad(f, x, head)
     flat = lambda e: torch.cat([e.grads[n].flatten() for n in ("W", "U", "b")])
     ref_flat = flat(imp)
-    errs = [float((flat(BPTT(h, **OPTS).grad(f, x, head)) - ref_flat).norm() / ref_flat.norm())
-            for h in (1, 3, 10, 30, 100)]
+    errs = [
+        float((flat(BPTT(h, **OPTS).grad(f, x, head)) - ref_flat).norm() / ref_flat.norm()) for h in (1, 3, 10, 30, 100)
+    ]
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < 1e-9 and errs[0] > 1e-2
     # The readout gradient does not depend on the horizon (it is taken at z*).
-    check(BPTT(2, **OPTS).grad(f, x, head).grads["readout.V"], imp.grads["readout.V"],
-          _solve_tol(imp.grads["readout.V"], 0.9))
+    check(
+        BPTT(2, **OPTS).grad(f, x, head).grads["readout.V"],
+        imp.grads["readout.V"],
+        _solve_tol(imp.grads["readout.V"], 0.9),
+    )
 
 
 def test_apply_to_accumulates_into_grad():
@@ -101,8 +105,11 @@ def test_apply_to_accumulates_into_grad():
 
 
 def test_estimators_reject_bad_configuration():
-    with pytest.raises(TypeError, match=r"Implicit: unknown relaxation option\(s\) \['tolerance'\]; "
-                                        r"valid options are \['max_steps'"):
+    with pytest.raises(
+        TypeError,
+        match=r"Implicit: unknown relaxation option\(s\) \['tolerance'\]; "
+        r"valid options are \['max_steps'",
+    ):
         Implicit(tolerance=1e-3)
     with pytest.raises(ValueError, match="horizon must be an int >= 1, got 0"):
         BPTT(0)
@@ -119,8 +126,9 @@ def test_implicit_gradient_of_the_block_equals_finite_differences():
     blk = eqprop.EquilibriumBlock(8, 2, resinit=0.3).double()
     x = torch.randn(2, 4, 8, dtype=torch.float64)
     loss_fn = lambda z: (z**3).sum()
-    est = Implicit(backward_tol=1e-14, backward_max_steps=500, tol=1e-14, stop="abs",
-                   max_steps=500).grad(blk, x, loss_fn)
+    est = Implicit(backward_tol=1e-14, backward_max_steps=500, tol=1e-14, stop="abs", max_steps=500).grad(
+        blk, x, loss_fn
+    )
     assert set(est.grads) == {n for n, p in blk.named_parameters() if p.requires_grad}
     fun = lambda: loss_fn(eqprop.relax(blk, x, tol=1e-14, stop="abs", max_steps=500)[0])
     # the loss at z* relaxed to 1e-14 is off by Σ|3z²|·1e-14 / (1 − L), (1 − L)⁻¹ <= 10 here, plus rounding
@@ -141,8 +149,9 @@ def test_anderson_adjoint_gives_the_same_gradient_with_fewer_vjps():
     x = 0.1 * torch.randn(4, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     loss_fn = lambda z: (z**3).sum() + z.sum()
     picard = Implicit(backward_tol=1e-12, backward_max_steps=3000, **OPTS).grad(f, x, loss_fn)
-    anderson = Implicit(backward_tol=1e-12, backward_max_steps=3000, backward_solver="anderson",
-                        **OPTS).grad(f, x, loss_fn)
+    anderson = Implicit(backward_tol=1e-12, backward_max_steps=3000, backward_solver="anderson", **OPTS).grad(
+        f, x, loss_fn
+    )
     assert (picard.stats["backward"]["status"] == 0).all() and (anderson.stats["backward"]["status"] == 0).all()
     assert anderson.stats["backward"]["n_vjps"] < 0.5 * picard.stats["backward"]["n_vjps"]
     # both adjoints stopped at a relative residual 1e-12, L <= ‖W‖₂ = 0.97
@@ -173,8 +182,12 @@ def test_implicit_estimate_on_a_complex_field_follows_autograd_convention():
             return torch.tanh(self.s * (z @ self.W.T) + x)
 
     f = Field()
-    x = torch.complex(torch.randn(2, 4, generator=g, dtype=torch.float64),
-                      torch.randn(2, 4, generator=g, dtype=torch.float64)) * 0.5
+    x = (
+        torch.complex(
+            torch.randn(2, 4, generator=g, dtype=torch.float64), torch.randn(2, 4, generator=g, dtype=torch.float64)
+        )
+        * 0.5
+    )
     loss_fn = lambda z: (z * z.conj()).real.sum() + (z**2).real.sum()
     est = Implicit(backward_tol=1e-14, **OPTS).grad(f, x, loss_fn)
     z = eqprop.fixed_point(f, x, backward="bptt", max_steps=400)

@@ -61,17 +61,21 @@ def test_bayes_nll_sums_to_log_evidence(k, V, alpha, device):
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("k,V,alpha", [(1, 2, 1.0), (2, 3, 0.5), (3, 2, 1.0), (2, 4, 3.0)])
 def test_agrees_with_reference(k, V, alpha, device):
-    x, tables = markov.sample(8, k, seq_len=120, vocab_size=V, alpha=alpha, seed=7, device=device,
-                              dtype=torch.float64, return_tables=True)
+    x, tables = markov.sample(
+        8, k, seq_len=120, vocab_size=V, alpha=alpha, seed=7, device=device, dtype=torch.float64, return_tables=True
+    )
     xc, tc = x.cpu(), tables.cpu()
     expected = ref.bayes_nll(xc, k, V, alpha)
-    torch.testing.assert_close(markov.bayes_nll(x, k, vocab_size=V, alpha=alpha, dtype=torch.float64).cpu(),
-                               expected, rtol=0, atol=1e-12)
-    torch.testing.assert_close(markov.bayes_nll(x, k, vocab_size=V, alpha=alpha).cpu(), expected.float(),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        markov.bayes_nll(x, k, vocab_size=V, alpha=alpha, dtype=torch.float64).cpu(), expected, rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(
+        markov.bayes_nll(x, k, vocab_size=V, alpha=alpha).cpu(), expected.float(), rtol=1e-6, atol=1e-6
+    )
     torch.testing.assert_close(markov.oracle_nll(x, tables, k).cpu(), ref.oracle_nll(xc, tc, k), rtol=0, atol=1e-12)
-    torch.testing.assert_close(markov.log_evidence(x, k, vocab_size=V, alpha=alpha).cpu(),
-                               ref.log_evidence(xc, k, V, alpha), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        markov.log_evidence(x, k, vocab_size=V, alpha=alpha).cpu(), ref.log_evidence(xc, k, V, alpha), rtol=0, atol=1e-9
+    )
     counts, _ = markov.context_coverage(x, k, vocab_size=V)
     assert torch.equal(counts.cpu(), ref.context_counts(xc, k, V))
 
@@ -88,6 +92,7 @@ def test_bayes_below_oracle_above_zero():
 
 
 # ---- sampler --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", devices)
 def test_sample_shapes_and_determinism(device):
@@ -124,8 +129,9 @@ def _transition_chi2(tokens, tables, k):
 
 @pytest.mark.parametrize("device", devices)
 def test_sampled_transitions_follow_tables(device):
-    x, tables = markov.sample(64, 2, seq_len=3000, vocab_size=3, alpha=5.0, seed=2024, device=device,
-                              return_tables=True)
+    x, tables = markov.sample(
+        64, 2, seq_len=3000, vocab_size=3, alpha=5.0, seed=2024, device=device, return_tables=True
+    )
     x, tables = x.cpu(), tables.cpu()
     p, dof = _transition_chi2(x, tables, 2)
     assert dof > 500 and p > 1e-3
@@ -138,8 +144,9 @@ def test_sampled_transitions_follow_tables(device):
 @pytest.mark.parametrize("alpha", [0.3, 1.0, 4.0])
 def test_dirichlet_row_moments(alpha, device):
     V = 3
-    _, tables = markov.sample(4000, 1, seq_len=2, vocab_size=V, alpha=alpha, seed=99, device=device,
-                              dtype=torch.float64, return_tables=True)
+    _, tables = markov.sample(
+        4000, 1, seq_len=2, vocab_size=V, alpha=alpha, seed=99, device=device, dtype=torch.float64, return_tables=True
+    )
     p = tables.reshape(-1, V).cpu()  # 8000 Dirichlet(alpha) rows
     n = p.shape[0]
     mean, var = 1 / V, (1 / V) * (1 - 1 / V) / (V * alpha + 1)
@@ -156,8 +163,9 @@ def test_dirichlet_row_moments(alpha, device):
 
 @pytest.mark.parametrize("device", devices)
 def test_tiny_alpha_rows_are_valid(device):
-    _, tables = markov.sample(200, 2, seq_len=3, vocab_size=4, alpha=1e-3, seed=1, device=device,
-                              dtype=torch.float64, return_tables=True)
+    _, tables = markov.sample(
+        200, 2, seq_len=3, vocab_size=4, alpha=1e-3, seed=1, device=device, dtype=torch.float64, return_tables=True
+    )
     assert torch.isfinite(tables).all() and (tables >= 0).all()
     torch.testing.assert_close(tables.sum(-1), torch.ones_like(tables[..., 0]), rtol=0, atol=1e-12)
     # alpha -> 0 concentrates each row on one symbol: the largest entry is ~1 almost always
@@ -188,6 +196,7 @@ def test_monte_carlo_bayes_nll_matches_anchors(k):
 
 
 # ---- gap_pct and coverage -------------------------------------------------------------------------
+
 
 def test_gap_pct_closed_form():
     bayes = torch.tensor([[9.0, 1.0, 1.0], [9.0, 3.0, 3.0]], dtype=torch.float64)
@@ -247,6 +256,7 @@ def test_context_coverage_summary():
 
 # ---- torch.library integration --------------------------------------------------------------------
 
+
 def test_opcheck():
     x = markov.sample(3, 2, seq_len=40, seed=0)
     _, tables = markov.sample(3, 2, seq_len=40, seed=0, return_tables=True)
@@ -259,6 +269,7 @@ def test_opcheck():
 
 
 # ---- context visits ---------------------------------------------------------------------------------
+
 
 def test_context_visits_docstring_example():
     # k=1: contexts of t=1..4 are x_0..x_3 = 0,1,0,1: the 0 at t=3 and the 1 at t=4 were seen once.
@@ -286,6 +297,7 @@ def test_context_visits_end_in_the_context_counts():
 
 
 # ---- views and layouts are accepted --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", devices)
 def test_ops_accept_views(device):

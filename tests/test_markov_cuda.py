@@ -25,19 +25,24 @@ def test_bayes_nll_cuda_matches_cpu(k, V, alpha, dtype):
     gpu = markov.bayes_nll(x.cuda(), k, vocab_size=V, alpha=alpha, dtype=dtype)
     tol = 1e-12 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=tol, atol=tol)
-    torch.testing.assert_close(markov.log_evidence(x.cuda(), k, vocab_size=V, alpha=alpha).cpu(),
-                               markov.log_evidence(x, k, vocab_size=V, alpha=alpha), rtol=0, atol=1e-9)
-    assert torch.equal(markov.context_coverage(x.cuda(), k, vocab_size=V)[0].cpu(),
-                       markov.context_coverage(x, k, vocab_size=V)[0])
+    torch.testing.assert_close(
+        markov.log_evidence(x.cuda(), k, vocab_size=V, alpha=alpha).cpu(),
+        markov.log_evidence(x, k, vocab_size=V, alpha=alpha),
+        rtol=0,
+        atol=1e-9,
+    )
+    assert torch.equal(
+        markov.context_coverage(x.cuda(), k, vocab_size=V)[0].cpu(), markov.context_coverage(x, k, vocab_size=V)[0]
+    )
 
 
 def test_sample_cuda_draws_the_cpu_streams():
     """Both devices consume the same random streams (csrc/markov/sampling.h): tables agree to
     rounding, and tokens agree except where a uniform lands within rounding of a bin edge."""
-    x_cpu, t_cpu = markov.sample(256, 3, vocab_size=3, alpha=0.7, seed=21, dtype=torch.float64,
-                                 return_tables=True)
-    x_gpu, t_gpu = markov.sample(256, 3, vocab_size=3, alpha=0.7, seed=21, dtype=torch.float64,
-                                 return_tables=True, device="cuda")
+    x_cpu, t_cpu = markov.sample(256, 3, vocab_size=3, alpha=0.7, seed=21, dtype=torch.float64, return_tables=True)
+    x_gpu, t_gpu = markov.sample(
+        256, 3, vocab_size=3, alpha=0.7, seed=21, dtype=torch.float64, return_tables=True, device="cuda"
+    )
     torch.testing.assert_close(t_gpu.cpu(), t_cpu, rtol=1e-9, atol=1e-12)
     assert (x_gpu.cpu() == x_cpu).double().mean() > 0.999
 

@@ -35,12 +35,18 @@ CLEAN = (ValueError, TypeError)  # a RuntimeError is not a clean error: it is wh
         (lambda x: markov.oracle_nll(x, torch.rand(2, 3, 2), 2), r"tables must be \[B, V\^k, V\] = \[2, 4, 2\]"),
         (lambda x: markov.oracle_nll(x, torch.rand(2, 4, 2).int(), 2), "tables dtype"),
         # rows that are not probability vectors
-        (lambda x: markov.oracle_nll(x, torch.zeros(2, 4, 2), 2),
-         r"probability vector .* 8 of 8 rows .* tables\[0, 0\] = \[0, 0\] with sum 0"),
-        (lambda x: markov.oracle_nll(x, _rows(x, 1, 0, [1.5, -0.5]), 2),
-         r"1 of 8 rows .* tables\[1, 0\] = \[1.5, -0.5\]"),
-        (lambda x: markov.oracle_nll(x, _rows(x, 0, 3, [math.nan, 1.0]), 2),
-         r"1 of 8 rows .* tables\[0, 3\] = \[nan, 1\]"),
+        (
+            lambda x: markov.oracle_nll(x, torch.zeros(2, 4, 2), 2),
+            r"probability vector .* 8 of 8 rows .* tables\[0, 0\] = \[0, 0\] with sum 0",
+        ),
+        (
+            lambda x: markov.oracle_nll(x, _rows(x, 1, 0, [1.5, -0.5]), 2),
+            r"1 of 8 rows .* tables\[1, 0\] = \[1.5, -0.5\]",
+        ),
+        (
+            lambda x: markov.oracle_nll(x, _rows(x, 0, 3, [math.nan, 1.0]), 2),
+            r"1 of 8 rows .* tables\[0, 3\] = \[nan, 1\]",
+        ),
         (lambda x: markov.oracle_nll(x, _rows(x, 0, 2, [0.5, 0.6]), 2), r"tables\[0, 2\] = \[0.5, 0.6\] with sum 1.1"),
         (lambda x: markov.oracle_nll(x, _rows(x, 0, 1, [math.inf, 0.0]), 2), r"tables\[0, 1\] = \[inf, 0\]"),
         (lambda x: markov.log_evidence(x, 2, alpha=math.nan), "alpha"),
@@ -80,8 +86,9 @@ def test_oracle_accepts_rows_rounded_to_float32(dtype):
     # zero entries are probabilities too (a never-taken transition)
     sparse = torch.zeros(1, 2, 2, dtype=dtype)
     sparse[0, :, 1] = 1
-    assert torch.equal(markov.oracle_nll(torch.ones(1, 5, dtype=torch.long), sparse, 1)[0, 1:],
-                       torch.zeros(4, dtype=dtype))
+    assert torch.equal(
+        markov.oracle_nll(torch.ones(1, 5, dtype=torch.long), sparse, 1)[0, 1:], torch.zeros(4, dtype=dtype)
+    )
     bad = tables.clone()
     bad[3, 7, 0] += 100 * 5 * torch.finfo(torch.float32).eps
     with pytest.raises(ValueError, match=r"1 of \d+ rows .* tables\[3, 7\]"):
@@ -90,8 +97,11 @@ def test_oracle_accepts_rows_rounded_to_float32(dtype):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch without CUDA")
 def test_sample_on_cuda_without_cuda_says_so():
-    with pytest.raises(ValueError, match=r"sample on a CUDA device: this eqprop build has no CUDA|"
-                                         r"CUDA is not available to this torch"):
+    with pytest.raises(
+        ValueError,
+        match=r"sample on a CUDA device: this eqprop build has no CUDA|"
+        r"CUDA is not available to this torch",
+    ):
         markov.sample(2, 2, seed=0, device="cuda")
 
 
@@ -171,8 +181,9 @@ def test_fuzz_ops_fail_cleanly_or_agree_with_reference(spec, k, V, alpha):
 )
 def test_fuzz_sample_fails_cleanly_or_is_valid(batch, k, seq_len, V, alpha, seed):
     try:
-        x, t = markov.sample(batch, k, seq_len=seq_len, vocab_size=V, alpha=alpha, seed=seed,
-                             return_tables=True, dtype=torch.float64)
+        x, t = markov.sample(
+            batch, k, seq_len=seq_len, vocab_size=V, alpha=alpha, seed=seed, return_tables=True, dtype=torch.float64
+        )
     except CLEAN:
         return
     assert x.shape == (batch, seq_len or markov.default_seq_len(k)) and t.shape == (batch, V**k, V)

@@ -9,8 +9,15 @@ import torch.nn.functional as F
 
 from eqprop import markov
 import eqprop
-from eqprop.models import (POS_ENCODINGS, Transformer, alibi_bias, alibi_slopes, apply_rope, next_token_nll,
-                           sinusoidal_table)
+from eqprop.models import (
+    POS_ENCODINGS,
+    Transformer,
+    alibi_bias,
+    alibi_slopes,
+    apply_rope,
+    next_token_nll,
+    sinusoidal_table,
+)
 from testing import devices
 
 
@@ -156,8 +163,7 @@ def _lm(kind, pos_enc):
     common = dict(d_model=16, n_head=2, max_len=12, pos_enc=pos_enc)
     if kind == "transformer":
         return Transformer(3, n_layer=1, **common).double()
-    return eqprop.EquilibriumLM(3, mlp_ratio=2, dtype=torch.float64, fixed_point=dict(max_steps=30, tol=0.0),
-                                **common)
+    return eqprop.EquilibriumLM(3, mlp_ratio=2, dtype=torch.float64, fixed_point=dict(max_steps=30, tol=0.0), **common)
 
 
 @pytest.mark.parametrize("kind", ["transformer", "equilibrium"])

@@ -41,6 +41,7 @@ def _one_warning(record, *patterns):
 
 # ---- forward relaxation ----------------------------------------------------------------------------
 
+
 def test_relax_warns_once_with_the_count_and_the_worst_residual():
     # sample 0 (s = 0.2) converges within 5 steps; samples 1, 2 (s = 0.9, 0.8) cannot: residual s^k
     f = Scaled(torch.tensor([0.2, 0.9, 0.8], dtype=torch.float64))
@@ -53,8 +54,11 @@ def test_relax_warns_once_with_the_count_and_the_worst_residual():
     # the lowest-residual iterate among z_0 .. z_4 is z_4; the worst sample is s = 0.9
     worst = _scaled_rel_residual(0.9, 4)
     torch.testing.assert_close(info.rel_lowest[1].item(), worst, rtol=1e-12, atol=0)
-    _one_warning(rec, r"^relax: the forward relaxation did not converge for 2 of 3 samples \(2 at max_steps\)",
-                 re.escape(f"worst rel residual {worst:.2e} > tol 0.01"))
+    _one_warning(
+        rec,
+        r"^relax: the forward relaxation did not converge for 2 of 3 samples \(2 at max_steps\)",
+        re.escape(f"worst rel residual {worst:.2e} > tol 0.01"),
+    )
 
 
 def test_relax_reports_divergence_and_tol_zero_reports_only_divergence():
@@ -66,8 +70,9 @@ def test_relax_reports_divergence_and_tol_zero_reports_only_divergence():
     with pytest.warns(eqprop.NonConvergenceWarning, match=r"for 1 of 2 samples \(1 diverged\)"):
         eqprop.relax(f, x, max_steps=200, tol=0.0)
     # tol = 0 asks for exactly max_steps steps: ending there is what was asked, not a failure
-    _, info = _silently(lambda: eqprop.relax(Scaled(torch.tensor([0.5, 0.9], dtype=torch.float64)), x,
-                                             max_steps=7, tol=0.0))
+    _, info = _silently(
+        lambda: eqprop.relax(Scaled(torch.tensor([0.5, 0.9], dtype=torch.float64)), x, max_steps=7, tol=0.0)
+    )
     assert info.status_names == ["max_steps", "max_steps"] and info.n_evals == 7
 
 
@@ -108,11 +113,15 @@ def test_converged_runs_are_silent():
 
 # ---- fixed_point: forward and adjoint --------------------------------------------------------------
 
+
 def test_fixed_point_forward_nonconvergence_warns_and_raises():
     f = Scaled(torch.tensor([0.2, 0.9], dtype=torch.float64))
     x = torch.randn(2, 4, dtype=torch.float64)
-    with pytest.warns(eqprop.NonConvergenceWarning, match=r"^fixed_point: the forward relaxation did not converge "
-                                                          r"for 1 of 2 samples"):
+    with pytest.warns(
+        eqprop.NonConvergenceWarning,
+        match=r"^fixed_point: the forward relaxation did not converge "
+        r"for 1 of 2 samples",
+    ):
         eqprop.fixed_point(f, x, max_steps=5, tol=1e-2)
     with pytest.raises(eqprop.NonConvergenceError, match="forward relaxation"):
         eqprop.fixed_point(f, x, max_steps=5, tol=1e-2, on_nonconvergence="raise")
@@ -134,8 +143,9 @@ def _adjoint_case():
 
 def test_fixed_point_adjoint_nonconvergence_warns_once_in_backward():
     layer, x, w = _adjoint_case()
-    z, info = _silently(lambda: eqprop.fixed_point(layer, x, tol=1e-12, max_steps=400, backward_max_steps=3,
-                                                   return_info=True))
+    z, info = _silently(
+        lambda: eqprop.fixed_point(layer, x, tol=1e-12, max_steps=400, backward_max_steps=3, return_info=True)
+    )
     assert info.status_names == ["converged", "converged"]
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -143,8 +153,11 @@ def test_fixed_point_adjoint_nonconvergence_warns_once_in_backward():
     worst = float(info.backward["residual"].max())
     assert worst > 1e-12 and info.backward["status"].tolist() == [1, 1]
     assert info.backward["nonconverged"].tolist() == [True, True]
-    _one_warning(rec, r"^fixed_point \(implicit backward\): the adjoint solve did not converge for 2 of 2 samples",
-                 re.escape(f"worst rel residual {worst:.2e} > tol 1e-12"))
+    _one_warning(
+        rec,
+        r"^fixed_point \(implicit backward\): the adjoint solve did not converge for 2 of 2 samples",
+        re.escape(f"worst rel residual {worst:.2e} > tol 1e-12"),
+    )
     # the repro from the report: a 3-step forward and a 3-step adjoint on the block
     torch.manual_seed(0)
     blk = eqprop.EquilibriumBlock(8, 2, dtype=torch.float64).eval()
@@ -160,13 +173,15 @@ def test_fixed_point_adjoint_raise_leaves_through_backward():
     z = eqprop.fixed_point(layer, x, tol=1e-12, max_steps=400, backward_max_steps=3, on_nonconvergence="raise")
     with pytest.raises(eqprop.NonConvergenceError, match="adjoint solve did not converge for 2 of 2"):
         (z * w).sum().backward()
-    z, info = eqprop.fixed_point(layer, x, tol=1e-12, max_steps=400, backward_max_steps=3,
-                                 on_nonconvergence="ignore", return_info=True)
+    z, info = eqprop.fixed_point(
+        layer, x, tol=1e-12, max_steps=400, backward_max_steps=3, on_nonconvergence="ignore", return_info=True
+    )
     _silently(lambda: (z * w).sum().backward())
     assert info.backward["nonconverged"].tolist() == [True, True]  # still recorded
 
 
 # ---- estimators ----------------------------------------------------------------------------------
+
 
 def test_implicit_reports_both_phases_in_one_warning():
     layer, x, w = _adjoint_case()
@@ -176,8 +191,9 @@ def test_implicit_reports_both_phases_in_one_warning():
         warnings.simplefilter("always")
         est = estimators.Implicit(tol=1e-12, max_steps=400, backward_max_steps=3).grad(layer, x, loss_fn)
     worst = float(est.stats["backward"]["residual"].max())
-    _one_warning(rec, r"^Implicit.grad: the adjoint solve did not converge for 2 of 2 samples",
-                 re.escape(f"{worst:.2e}"))
+    _one_warning(
+        rec, r"^Implicit.grad: the adjoint solve did not converge for 2 of 2 samples", re.escape(f"{worst:.2e}")
+    )
     assert "forward" not in str(rec[0].message).split(";")[0]
     assert est.stats["backward"]["nonconverged"].tolist() == [True, True]
     assert est.stats["forward"].backward["nonconverged"].tolist() == [True, True]
@@ -186,10 +202,12 @@ def test_implicit_reports_both_phases_in_one_warning():
         estimators.Implicit(tol=1e-12, max_steps=3).grad(layer, x, loss_fn)  # both phases: 3 steps each
     _one_warning(rec, "forward relaxation did not converge for 2 of 2", "adjoint solve did not converge for 2 of 2")
     with pytest.raises(eqprop.NonConvergenceError, match="Implicit.grad: the adjoint solve"):
-        estimators.Implicit(tol=1e-12, max_steps=400, backward_max_steps=3,
-                            on_nonconvergence="raise").grad(layer, x, loss_fn)
-    est = _silently(lambda: estimators.Implicit(tol=1e-12, max_steps=3, on_nonconvergence="ignore")
-                    .grad(layer, x, loss_fn))
+        estimators.Implicit(tol=1e-12, max_steps=400, backward_max_steps=3, on_nonconvergence="raise").grad(
+            layer, x, loss_fn
+        )
+    est = _silently(
+        lambda: estimators.Implicit(tol=1e-12, max_steps=3, on_nonconvergence="ignore").grad(layer, x, loss_fn)
+    )
     assert est.stats["forward"].nonconverged.tolist() == [True, True]
 
 
@@ -197,8 +215,11 @@ def test_bptt_estimator_reports_the_forward_relaxation():
     f_layer, x, w = _adjoint_case()
     x = x.detach()
     loss_fn = lambda z: (z * w).sum()  # noqa: E731
-    with pytest.warns(eqprop.NonConvergenceWarning, match=r"^BPTT.grad: the forward relaxation did not converge "
-                                                          r"for 2 of 2 samples"):
+    with pytest.warns(
+        eqprop.NonConvergenceWarning,
+        match=r"^BPTT.grad: the forward relaxation did not converge "
+        r"for 2 of 2 samples",
+    ):
         est = estimators.BPTT(4, tol=1e-12, max_steps=3).grad(f_layer, x, loss_fn)
     assert est.stats["forward"].nonconverged.tolist() == [True, True]
     with pytest.raises(eqprop.NonConvergenceError):
@@ -217,6 +238,7 @@ def test_lm_forwards_the_option():
 
 
 # ---- tolerances the dtype cannot resolve ---------------------------------------------------------
+
 
 def test_min_rel_tol_is_the_dtype_eps():
     assert min_rel_tol(torch.bfloat16) == 2.0**-7 and min_rel_tol(torch.float16) == 2.0**-10
@@ -279,6 +301,7 @@ def test_float64_and_float32_tolerances_are_checked_too():
 
 # ---- option checks ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["max_steps", "anderson_m", "check_every"])
 def test_non_integer_int_options_are_rejected(name):
     layer = TanhLayer(4)
@@ -328,15 +351,22 @@ def test_on_nonconvergence_values_are_checked():
 
 def test_x_none_with_a_block_is_a_clear_error():
     blk = eqprop.EquilibriumBlock(8, 2, dtype=torch.float64)
-    for call in (lambda: eqprop.relax(blk, None), lambda: eqprop.fixed_point(blk, None),
-                 lambda: estimators.Implicit().grad(blk, None, lambda z: z.sum()),
-                 lambda: eqprop.relax(TanhLayer(4), None)):
-        with pytest.raises(ValueError, match=r"x must be a tensor \(the injection, \[B, \.\.\.\]\) when f is a "
-                                             r"(EquilibriumBlock|TanhLayer), got None"):
+    for call in (
+        lambda: eqprop.relax(blk, None),
+        lambda: eqprop.fixed_point(blk, None),
+        lambda: estimators.Implicit().grad(blk, None, lambda z: z.sum()),
+        lambda: eqprop.relax(TanhLayer(4), None),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"x must be a tensor \(the injection, \[B, \.\.\.\]\) when f is a "
+            r"(EquilibriumBlock|TanhLayer), got None",
+        ):
             call()
 
 
 # ---- hooks -------------------------------------------------------------------------------------------
+
 
 def test_forward_hooks_fire_on_the_block_call_not_inside_relax():
     """What the block's docstring says: the native loop bypasses forward; the trace and a call on z*

@@ -30,15 +30,31 @@ def test_import_under_another_torch_says_rebuild():
 def test_cli_markov_bayes(tmp_path):
     out = tmp_path / "bayes.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "eqprop", "markov", "bayes", "--k", "1", "2", "--batch", "64", "--seed", "3",
-         "--json", str(out)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "eqprop",
+            "markov",
+            "bayes",
+            "--k",
+            "1",
+            "2",
+            "--batch",
+            "64",
+            "--seed",
+            "3",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "Bayes NLL/token" in proc.stdout
     rows = json.loads(out.read_text())
     assert [r["k"] for r in rows] == [1, 2]
     for r in rows:  # the CLI reports what the library computes for the same seed
         x = markov.sample(64, r["k"], seed=3 + r["k"])
-        expected = markov.bayes_nll(x, r["k"], dtype=torch.float64)[:, r["k"]:].mean()
+        expected = markov.bayes_nll(x, r["k"], dtype=torch.float64)[:, r["k"] :].mean()
         check(r["bayes_nll"], expected.item(), tol(torch.float64, n=x.numel(), scale=expected))
         assert r["anchor"] == markov.BAYES_NLL_ANCHORS[r["k"]].nll

@@ -1,4 +1,4 @@
-"""Relaxation, the VectorField products, fixed_point and the fused damped step (DESIGN.md §4, §5)."""
+"""Relaxation, the VectorField products, fixed_point and the fused damped step (docs/design.md §4, §5)."""
 
 import cmath
 
@@ -14,6 +14,7 @@ from testing import central_difference, check, condition_scale, devices, fd_tol,
 
 # --- the fused damped update and its CPU twin --------------------------------------------------------
 
+
 def _check_damped_step(device, dtype):
     g = torch.Generator().manual_seed(1)
     z = torch.randn(5, 3, 7, generator=g, dtype=torch.float64)
@@ -23,14 +24,23 @@ def _check_damped_step(device, dtype):
         fz = torch.complex(fz, torch.randn(z.shape, generator=g, dtype=torch.float64))
     z, fz = z.to(device=device, dtype=dtype), fz.to(device=device, dtype=dtype)
     z_new, res_sq, f_sq = torch.ops.eqprop.relax_damped_step(z, fz, 0.3)
-    zd, fd = z.to(torch.complex128 if dtype.is_complex else torch.float64), fz.to(
-        torch.complex128 if dtype.is_complex else torch.float64)
+    zd, fd = (
+        z.to(torch.complex128 if dtype.is_complex else torch.float64),
+        fz.to(torch.complex128 if dtype.is_complex else torch.float64),
+    )
     exp_z = zd + 0.3 * (fd - zd)
     exp_r = (fd - zd).abs().pow(2).reshape(5, -1).sum(1)
     exp_f = fd.abs().pow(2).reshape(5, -1).sum(1)
     assert z_new.dtype == dtype and z_new.shape == z.shape
-    assert res_sq.dtype == (torch.float32 if dtype == torch.bfloat16 else exp_r.dtype if dtype == torch.float64
-                            else torch.float64 if dtype == torch.complex128 else torch.float32)
+    assert res_sq.dtype == (
+        torch.float32
+        if dtype == torch.bfloat16
+        else exp_r.dtype
+        if dtype == torch.float64
+        else torch.float64
+        if dtype == torch.complex128
+        else torch.float32
+    )
     # z + ε(F − z): three roundings; ‖·‖²: a sum of 21 squares, in the dtype of the result (float32 for
     # bfloat16, whose update is rounded once more to bfloat16)
     n = z[0].numel()
@@ -55,6 +65,7 @@ def test_damped_step_opcheck_and_errors():
 
 
 # --- relaxation ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", devices)
 def test_picard_trace_closed_form(device):
@@ -133,8 +144,9 @@ def test_non_finite_field_is_diverged_not_raised():
 
 def test_max_steps_status():
     s = torch.tensor([0.99], dtype=torch.float64)
-    z, info = eqprop.relax(Scaled(s), torch.ones(1, 2, dtype=torch.float64), tol=1e-12, max_steps=5,
-                           on_nonconvergence="ignore")
+    z, info = eqprop.relax(
+        Scaled(s), torch.ones(1, 2, dtype=torch.float64), tol=1e-12, max_steps=5, on_nonconvergence="ignore"
+    )
     assert info.status_names == ["max_steps"] and int(info.steps[0]) == 5 and info.n_evals == 5
     assert info.trace_abs.shape == (5, 1)
 
@@ -180,15 +192,23 @@ def test_drive_shifts_the_fixed_point():
     bound = 1e-12 * float(torch.linalg.matrix_norm(torch.linalg.inv(M), 2))
     bound += tol(x.dtype, n=6, scale=expected.abs().max())
     for solver in ("picard", "anderson"):
-        z, info = eqprop.relax(f, x, eps=0.5, tol=1e-12, stop="abs", max_steps=500, solver=solver,
-                               drive=lambda z: -beta * (z - y))
+        z, info = eqprop.relax(
+            f, x, eps=0.5, tol=1e-12, stop="abs", max_steps=500, solver=solver, drive=lambda z: -beta * (z - y)
+        )
         assert info.converged.all()
         check(z, expected, bound, solver)
     # Complex β (holomorphic EP): the same closed form in complex arithmetic.
     beta_c = 0.3 * cmath.exp(0.7j)
     Ac, xc, yc = A.to(torch.complex128), x.to(torch.complex128), y.to(torch.complex128)
-    zc, info = eqprop.relax(lambda z, x: z @ Ac.T + x, xc, tol=1e-12, stop="abs", max_steps=500,
-                            solver="anderson", drive=lambda z: -beta_c * (z - yc))
+    zc, info = eqprop.relax(
+        lambda z, x: z @ Ac.T + x,
+        xc,
+        tol=1e-12,
+        stop="abs",
+        max_steps=500,
+        solver="anderson",
+        drive=lambda z: -beta_c * (z - yc),
+    )
     Mc = (1 + beta_c) * torch.eye(3, dtype=torch.complex128) - Ac
     expected_c = torch.linalg.solve(Mc, (xc + beta_c * yc).T).T
     bound = 1e-12 * float(torch.linalg.matrix_norm(torch.linalg.inv(Mc), 2))
@@ -218,6 +238,7 @@ def test_low_precision_relaxation(solver):
 
 # --- VectorField products -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", devices)
 def test_products_against_dense_jacobian(device):
     f = TanhLayer(5).to(device)
@@ -228,10 +249,18 @@ def test_products_against_dense_jacobian(device):
     J = ref.dense_jacobian(f, x, z).detach()  # [B, n, n]
     # a tanh layer forward and back (5-term sums, twice) and the 5-term product with J
     n = 2 * (5 + 2) + 5
-    check(fld.jvp(z, v), torch.einsum("bij,bj->bi", J, v),
-          2 * tol(z.dtype, n=n, scale=condition_scale(lambda z, v: fld.jvp(z, v), [z, v])), "jvp")
-    check(fld.vjp(z, v), torch.einsum("bji,bj->bi", J, v),
-          2 * tol(z.dtype, n=n, scale=condition_scale(lambda z, v: fld.vjp(z, v), [z, v])), "vjp")
+    check(
+        fld.jvp(z, v),
+        torch.einsum("bij,bj->bi", J, v),
+        2 * tol(z.dtype, n=n, scale=condition_scale(lambda z, v: fld.jvp(z, v), [z, v])),
+        "jvp",
+    )
+    check(
+        fld.vjp(z, v),
+        torch.einsum("bji,bj->bi", J, v),
+        2 * tol(z.dtype, n=n, scale=condition_scale(lambda z, v: fld.vjp(z, v), [z, v])),
+        "vjp",
+    )
     pv = fld.param_vjp(z, v)
     expected = torch.autograd.grad(f(z, x), list(f.parameters()), v)
     assert fld.parameter_names() == ["W", "U", "b"]
@@ -249,8 +278,7 @@ def test_complex_plain_transpose():
     # Parameters: complex a in a·z² gives (∂F/∂a)ᵀv = z² v; a real w in w·z gives z·v (complex).
     a = torch.tensor(1.5 - 0.5j, dtype=torch.complex128, requires_grad=True)
     w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
-    fld = _C.ModuleField(lambda z, x: a * z * z + w * z, torch.zeros(1, 1, dtype=torch.complex128),
-                         ["a", "w"], [a, w])
+    fld = _C.ModuleField(lambda z, x: a * z * z + w * z, torch.zeros(1, 1, dtype=torch.complex128), ["a", "w"], [a, w])
     z = torch.tensor([[0.3 + 0.2j]], dtype=torch.complex128)
     v = torch.tensor([[1.0 - 2.0j]], dtype=torch.complex128)
     ga, gw = fld.param_vjp(z, v)
@@ -277,11 +305,11 @@ def test_holomorphic_jvp_finite_differences():
         check(central_difference(F, step), jv, bound, f"step {step}")
     # Plain transpose: ⟨u, Jv⟩ = ⟨Jᵀu, v⟩ with the bilinear (not sesquilinear) pairing.
     u = torch.complex(torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64))
-    check((u * jv).sum(), (fld.vjp(z, u) * v).sum(),
-          tol(z.dtype, n=2 * 6 + 8, scale=(u.abs() * jv.abs()).sum()))
+    check((u * jv).sum(), (fld.vjp(z, u) * v).sum(), tol(z.dtype, n=2 * 6 + 8, scale=(u.abs() * jv.abs()).sum()))
 
 
 # --- fixed_point ----------------------------------------------------------------------------------
+
 
 def _loss(z):
     return (z**3).sum() + z.sum()
@@ -351,6 +379,7 @@ def test_fixed_point_no_grad_returns_detached_fixed_point():
 
 # --- bad input ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -384,8 +413,9 @@ def test_bad_inputs_raise_clear_errors():
         eqprop.relax(f, x, z0=torch.zeros(0, 3, dtype=torch.float64))
     with pytest.raises(TypeError, match="f must be .* callable f\\(z, x\\); got int"):
         eqprop.relax(3, x)
-    with pytest.raises(TypeError,
-                       match=r"fixed_point: unknown relaxation option\(s\) \['tolerance'\]; valid options are"):
+    with pytest.raises(
+        TypeError, match=r"fixed_point: unknown relaxation option\(s\) \['tolerance'\]; valid options are"
+    ):
         eqprop.fixed_point(f, x, tolerance=1e-3)
     with pytest.raises(ValueError, match="backward must be one of 'implicit', 'bptt', got 'adjoint'"):
         eqprop.fixed_point(f, x, backward="adjoint")
@@ -422,6 +452,7 @@ def test_python_errors_inside_f_propagate_unchanged(solver):
 
 
 # --- regressions found in review ----------------------------------------------------------------------
+
 
 def test_implicit_backward_uses_the_forward_damping():
     """Eigenvalues of J down to -1.6: undamped Picard diverges, eps = 0.5 converges (|1 - eps(1 - λ)| < 1).
@@ -464,6 +495,7 @@ def test_drive_of_the_wrong_shape_is_rejected():
 
 # --- check_every and the CUDA-graph switch (the graph itself: test_engine_cuda.py) -----------------
 
+
 def _blend_block():
     torch.manual_seed(3)
     blk = eqprop.EquilibriumBlock(8, 2, resinit=0.5, dtype=torch.float64, spectral_rho=0.9).eval()
@@ -477,9 +509,14 @@ def test_check_every_changes_nothing_but_the_wasted_evaluations(solver, check_ev
     stopped samples are frozen: per-sample results and the trace are those of k = 1."""
     blk, x = _blend_block()
     # per-sample scales: sample 0 converges fast, 1 slowly, 2 does not converge in 40 steps
-    cases = [(blk, x, dict(tol=1e-9, max_steps=40, on_nonconvergence="ignore")),
-             (Scaled(torch.tensor([0.1, 0.7, 0.999], dtype=torch.float64)), torch.randn(3, 4, dtype=torch.float64),
-              dict(tol=1e-8, max_steps=40, on_nonconvergence="ignore"))]
+    cases = [
+        (blk, x, dict(tol=1e-9, max_steps=40, on_nonconvergence="ignore")),
+        (
+            Scaled(torch.tensor([0.1, 0.7, 0.999], dtype=torch.float64)),
+            torch.randn(3, 4, dtype=torch.float64),
+            dict(tol=1e-8, max_steps=40, on_nonconvergence="ignore"),
+        ),
+    ]
     for f, xx, kw in cases:
         z1, i1 = eqprop.relax(f, xx, solver=solver, **kw)
         zk, ik = eqprop.relax(f, xx, solver=solver, check_every=check_every, **kw)
@@ -496,8 +533,9 @@ def test_check_every_changes_nothing_but_the_wasted_evaluations(solver, check_ev
 def test_trace_grows_with_the_steps_run_not_with_max_steps(check_every):
     """max_steps = 1e12 ("until converged"): nothing of that size is allocated."""
     f = Scaled(torch.tensor([0.5, 0.25], dtype=torch.float64))
-    z, info = eqprop.relax(f, torch.ones(2, 3, dtype=torch.float64), max_steps=10**12, tol=1e-10, stop="abs",
-                           check_every=check_every)
+    z, info = eqprop.relax(
+        f, torch.ones(2, 3, dtype=torch.float64), max_steps=10**12, tol=1e-10, stop="abs", check_every=check_every
+    )
     # stopped at ‖F(z) − z‖ = (1 − s)‖z − z*‖ <= 1e-10, 1 − s >= 0.5
     check(z, torch.tensor([[2.0] * 3, [4 / 3] * 3], dtype=torch.float64), 1e-10 / 0.5 + tol(z.dtype, n=4, scale=2.0))
     assert info.trace_abs.shape == (int(info.steps.max()), 2) and info.n_evals < int(info.steps.max()) + check_every

@@ -20,17 +20,35 @@ from eqprop.train import markov as tm
 from eqprop.train.checkpoint import load_checkpoint_file, save_checkpoint
 from eqprop.train.config import RunConfig
 
-TINY = dict(k=1, seq_len=64, n_layer=1, n_head=2, d_model=16, batch_size=8, lr=3e-3, warmup_steps=2,
-            eval_every=2, eval_batches=2, eval_batch_size=8, final_eval_batches=2, log_every=1, progress=False,
-            device="cpu")
+TINY = dict(
+    k=1,
+    seq_len=64,
+    n_layer=1,
+    n_head=2,
+    d_model=16,
+    batch_size=8,
+    lr=3e-3,
+    warmup_steps=2,
+    eval_every=2,
+    eval_batches=2,
+    eval_batch_size=8,
+    final_eval_batches=2,
+    log_every=1,
+    progress=False,
+    device="cpu",
+)
 
 
 # ---- configs -----------------------------------------------------------------------------------------
 
+
 def test_constructor_rejects_unknown_keys_listing_the_valid_ones():
     for make in (lambda: tm.TrainConfig(bogus=1), lambda: tm.TrainConfig.from_dict({"bogus": 1})):
-        with pytest.raises(TypeError, match=r"unknown TrainConfig key\(s\) \['bogus'\]; valid keys are: .*\bk\b.*"
-                                            r"n_layer.*max_steps.*overwrite"):
+        with pytest.raises(
+            TypeError,
+            match=r"unknown TrainConfig key\(s\) \['bogus'\]; valid keys are: .*\bk\b.*"
+            r"n_layer.*max_steps.*overwrite",
+        ):
             make()
     with pytest.raises(TypeError, match=r"unknown RunConfig key\(s\) \['k'\]"):
         RunConfig(k=2)
@@ -43,8 +61,11 @@ def test_types_come_from_the_annotations():
         tm.TrainConfig(final_eval_seeds=(1, "a"))
     with pytest.raises(TypeError, match=r"TrainConfig.max_steps must be int, got bool True"):
         tm.TrainConfig(max_steps=True)
-    with pytest.raises(ValueError, match=r"TrainConfig.pos_enc must be one of \('learned', 'sinusoidal', 'rope', "
-                                         r"'alibi', 'none'\), got 'relative'"):
+    with pytest.raises(
+        ValueError,
+        match=r"TrainConfig.pos_enc must be one of \('learned', 'sinusoidal', 'rope', "
+        r"'alibi', 'none'\), got 'relative'",
+    ):
         tm.TrainConfig(pos_enc="relative")
     with pytest.raises(ValueError, match=r"TrainConfig.overwrite must be False when resume is True"):
         tm.TrainConfig(resume=True, overwrite=True)
@@ -68,9 +89,22 @@ def _to_argv(cfg, skip=()):
 
 
 def test_config_to_command_line_and_back():
-    cfg = tm.TrainConfig(k=3, seq_len=120, n_layer=3, pos_enc="alibi", schedule="wsd", lr=1e-3, min_lr=1e-5,
-                         bf16=True, progress=False, early_stop=False, final_eval_seeds=(11, 12), out_dir="runs/x",
-                         alpha=0.5, device="cpu")
+    cfg = tm.TrainConfig(
+        k=3,
+        seq_len=120,
+        n_layer=3,
+        pos_enc="alibi",
+        schedule="wsd",
+        lr=1e-3,
+        min_lr=1e-5,
+        bf16=True,
+        progress=False,
+        early_stop=False,
+        final_eval_seeds=(11, 12),
+        out_dir="runs/x",
+        alpha=0.5,
+        device="cpu",
+    )
     parser = argparse.ArgumentParser()
     tm.TrainConfig.add_options(parser)
     assert tm.TrainConfig.from_args(parser.parse_args(_to_argv(cfg))) == cfg
@@ -84,6 +118,7 @@ def test_config_to_command_line_and_back():
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------
+
 
 def _payload():
     return {"model": {"w": torch.arange(1000.0)}, "step": 3, "history": [{"a": 1.5, "b": None}], "name": "x"}
@@ -103,7 +138,7 @@ def test_flipped_bytes_are_reported_as_corruption_naming_the_file(tmp_path):
     path = save_checkpoint({"model": {"w": torch.randn(20_000)}}, tmp_path / "last.pt")
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + 2000] = bytes(b ^ 0x5A for b in data[mid:mid + 2000])
+    data[mid : mid + 2000] = bytes(b ^ 0x5A for b in data[mid : mid + 2000])
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=rf"{path}.*corrupted"):
         load_checkpoint_file(path)
@@ -135,6 +170,7 @@ def test_every_checkpoint_the_trainer_writes_loads_weights_only(tmp_path):
 
 
 # ---- runs are never lost -----------------------------------------------------------------------------
+
 
 def _snapshot(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
@@ -180,12 +216,41 @@ def test_an_unwritable_figure_warns_and_keeps_the_results(tmp_path):
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_from_outside_exits_128_plus_its_number_with_a_resume_hint(tmp_path, sig, code):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "eqprop", "markov", "train", "--k", "1", "--seq-len", "64", "--n-layer", "1",
-           "--n-head", "2", "--d-model", "16", "--batch-size", "8", "--eval-every", "1", "--eval-batches", "1",
-           "--eval-batch-size", "4", "--max-steps", "100000", "--device", "cpu", "--no-progress",
-           "--out-dir", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "eqprop",
+        "markov",
+        "train",
+        "--k",
+        "1",
+        "--seq-len",
+        "64",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--d-model",
+        "16",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "1",
+        "--eval-batches",
+        "1",
+        "--eval-batch-size",
+        "4",
+        "--max-steps",
+        "100000",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out-dir",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     deadline = time.time() + 120
     while not (out / "last.pt").exists():  # written inside the loop, after the handlers are installed
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -198,6 +263,7 @@ def test_a_signal_from_outside_exits_128_plus_its_number_with_a_resume_hint(tmp_
 
 
 # ---- clear errors before anything is written ---------------------------------------------------------
+
 
 def test_a_config_too_large_for_the_machine_is_refused_before_writing(tmp_path):
     out = tmp_path / "k20"
@@ -230,8 +296,11 @@ def test_each_rank_takes_its_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert [resolve_device("cuda:0", rank, 4) for rank in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
     assert [resolve_device(d, 3, 4) for d in ("auto", "cuda", "cuda:1")] == ["cuda:3"] * 3
-    assert [resolve_device("cuda"), resolve_device("cuda:2"), resolve_device("cpu", 1, 2)] == \
-        ["cuda:0", "cuda:2", "cpu"]  # one process keeps the index it is given
+    assert [resolve_device("cuda"), resolve_device("cuda:2"), resolve_device("cpu", 1, 2)] == [
+        "cuda:0",
+        "cuda:2",
+        "cpu",
+    ]  # one process keeps the index it is given
     with pytest.raises(ValueError, match=r"needs GPU 5, but only 4 are visible"):
         resolve_device("cuda:5")
     with pytest.raises(ValueError, match=r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"):
@@ -240,13 +309,21 @@ def test_each_rank_takes_its_own_gpu(monkeypatch):
 
 # ---- the loop trains the other model of the shared interface -----------------------------------------
 
+
 class _EquilibriumMarkov(tm.MarkovTask):
     name = "markov-equilibrium"
 
     def build_model(self, run):
-        return eqprop.EquilibriumLM(self.cfg.vocab_size, self.cfg.d_model, self.cfg.n_head, max_len=self.cfg.train_len,
-                                    pos_enc=self.cfg.pos_enc, mlp_ratio=2, spectral_rho=1.0,
-                                    fixed_point=dict(max_steps=15, tol=1e-4))
+        return eqprop.EquilibriumLM(
+            self.cfg.vocab_size,
+            self.cfg.d_model,
+            self.cfg.n_head,
+            max_len=self.cfg.train_len,
+            pos_enc=self.cfg.pos_enc,
+            mlp_ratio=2,
+            spectral_rho=1.0,
+            fixed_point=dict(max_steps=15, tol=1e-4),
+        )
 
 
 def test_the_core_trains_an_equilibrium_lm_and_resumes_it_exactly(tmp_path):

@@ -23,9 +23,23 @@ from eqprop.train.ladder import ladder
 context_visits = markov.context_visits
 
 # A model small enough that a few steps take well under a second on CPU.
-TINY = dict(k=1, seq_len=64, n_layer=1, n_head=2, d_model=16, batch_size=8, lr=3e-3, warmup_steps=2,
-            eval_every=4, eval_batches=2, eval_batch_size=8, final_eval_batches=2, log_every=1, progress=False,
-            device="cpu")
+TINY = dict(
+    k=1,
+    seq_len=64,
+    n_layer=1,
+    n_head=2,
+    d_model=16,
+    batch_size=8,
+    lr=3e-3,
+    warmup_steps=2,
+    eval_every=4,
+    eval_batches=2,
+    eval_batch_size=8,
+    final_eval_batches=2,
+    log_every=1,
+    progress=False,
+    device="cpu",
+)
 
 
 def test_config_rejects_unknown_keys_and_lists_valid_ones():
@@ -33,8 +47,9 @@ def test_config_rejects_unknown_keys_and_lists_valid_ones():
         tm.TrainConfig.from_dict({"k": 3, "n_layers": 4})
     with pytest.raises(TypeError, match="learning_rate"):
         tm.TrainConfig().replace(learning_rate=1.0)
-    with pytest.raises(ValueError,
-                       match=r"TrainConfig.schedule must be one of \('cosine', 'wsd', 'constant'\), got 'linear'"):
+    with pytest.raises(
+        ValueError, match=r"TrainConfig.schedule must be one of \('cosine', 'wsd', 'constant'\), got 'linear'"
+    ):
         tm.TrainConfig(schedule="linear")
     with pytest.raises(ValueError, match=r"TrainConfig.min_lr must be in \[0, lr=0.001\], got 0.01"):
         tm.TrainConfig(lr=1e-3, min_lr=1e-2)
@@ -63,8 +78,12 @@ def test_lr_schedules():
     assert lr_at(110, schedule="wsd", **kw) == pytest.approx(0.1)
     assert lr_at(100, schedule="constant", **kw) == 1.0
     # a decay phase of a single step: the last step is at min_lr (steps 0..3, decay from round(3.2) = 3)
-    assert [lr_at(i, schedule="wsd", lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=4) for i in range(4)] == \
-        [0.5, 1.0, 1.0, 0.1]
+    assert [lr_at(i, schedule="wsd", lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=4) for i in range(4)] == [
+        0.5,
+        1.0,
+        1.0,
+        0.1,
+    ]
 
 
 def test_derived_seeds_are_stable_and_distinct():
@@ -100,14 +119,18 @@ def test_breakdowns_partition_the_gap():
     total, _ = markov.gap_pct(model, bayes, 2)
     # pooled gaps of a partition, weighted by the Bayes NLL in each part, add up to the total gap
     for parts, mask_of in [
-        ([by_pos[n] for n in ("early", "middle", "late")],
-         lambda p: (torch.arange(200) >= p["positions"][0]) & (torch.arange(200) < p["positions"][1])),
+        (
+            [by_pos[n] for n in ("early", "middle", "late")],
+            lambda p: (torch.arange(200) >= p["positions"][0]) & (torch.arange(200) < p["positions"][1]),
+        ),
         ([b for b in by_visits if b["gap_pct"] is not None], None),
     ]:
         if mask_of is None:
             visits = context_visits(x, 2)
-            mask_of = lambda p: (visits >= p["visits"][0]) & (  # noqa: E731
-                visits < (p["visits"][1] if p["visits"][1] is not None else 10**9))
+
+            def mask_of(p, visits=visits):
+                return (visits >= p["visits"][0]) & (visits < (p["visits"][1] or 10**9))
+
         weights = [float((bayes * mask_of(p)).sum()) for p in parts]
         combined = sum(p["gap_pct"] * w for p, w in zip(parts, weights)) / sum(weights)
         assert combined == pytest.approx(total, rel=1e-9)
@@ -126,15 +149,33 @@ def test_gate_needs_both_final_sets_below_target():
 
 
 def test_tiny_model_learns_and_writes_artifacts(tmp_path):
-    cfg = tm.TrainConfig(k=1, seq_len=200, n_layer=2, n_head=2, d_model=32, batch_size=16, lr=5e-3, min_lr=5e-4,
-                         warmup_steps=10, max_steps=120, eval_every=40, eval_batches=2, eval_batch_size=16,
-                         final_eval_batches=2, target_gap_pct=1.0, early_stop=False, log_every=10,
-                         progress=False, device="cpu", out_dir=str(tmp_path))
+    cfg = tm.TrainConfig(
+        k=1,
+        seq_len=200,
+        n_layer=2,
+        n_head=2,
+        d_model=32,
+        batch_size=16,
+        lr=5e-3,
+        min_lr=5e-4,
+        warmup_steps=10,
+        max_steps=120,
+        eval_every=40,
+        eval_batches=2,
+        eval_batch_size=16,
+        final_eval_batches=2,
+        target_gap_pct=1.0,
+        early_stop=False,
+        log_every=10,
+        progress=False,
+        device="cpu",
+        out_dir=str(tmp_path),
+    )
     s = tm.train(cfg)
     x = markov.sample(64, 1, seq_len=200, seed=0)
     bayes = markov.bayes_nll(x, 1)
     uniform_gap, _ = markov.gap_pct(torch.full_like(bayes, math.log(2)), bayes, 1)
-    assert 30 < uniform_gap < 50  # DESIGN.md §8: uniform is ~ +38%
+    assert 30 < uniform_gap < 50  # docs/design.md §8: uniform is ~ +38%
     assert s.status == "max_steps" and s.steps == 120
     assert len(s.final) == 2 and [f["seed"] for f in s.final] == list(cfg.final_eval_seeds)
     for f in s.final:
@@ -248,7 +289,9 @@ def _cli_options(cfg: dict) -> list:
     out = []
     for key, value in cfg.items():
         flag = "--" + key.replace("_", "-")
-        out += ([flag] if value else ["--no-" + key.replace("_", "-")]) if isinstance(value, bool) else [flag, str(value)]
+        out += (
+            ([flag] if value else ["--no-" + key.replace("_", "-")]) if isinstance(value, bool) else [flag, str(value)]
+        )
     return out
 
 
@@ -256,8 +299,21 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
     opts = {**TINY, "batch_size": 8, "grad_accum_steps": 2, "max_steps": 6, "eval_every": 3}
     single = tm.train(tm.TrainConfig(**opts, out_dir=str(tmp_path / "single")))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "eqprop",
-           "markov", "train", *_cli_options(opts), "--out-dir", str(tmp_path / "ddp")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "eqprop",
+        "markov",
+        "train",
+        *_cli_options(opts),
+        "--out-dir",
+        str(tmp_path / "ddp"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
@@ -272,8 +328,17 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
     assert "final gap to Bayes of best.pt" in proc.stdout and proc.stdout.count("gate (both") == 1  # rank 0 only
 
     # the eval command re-scores the checkpoint on the first final set: the same number
-    out = _run_cli(["markov", "eval", str(tmp_path / "ddp" / "best.pt"), "--batches", "2",
-                    "--seed", str(opts.get("final_eval_seeds", tm.TrainConfig().final_eval_seeds)[0])])
+    out = _run_cli(
+        [
+            "markov",
+            "eval",
+            str(tmp_path / "ddp" / "best.pt"),
+            "--batches",
+            "2",
+            "--seed",
+            str(opts.get("final_eval_seeds", tm.TrainConfig().final_eval_seeds)[0]),
+        ]
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"{summary['final'][0]['gap_pct']:+.2f}%" in out.stdout
 
@@ -281,10 +346,25 @@ def test_ddp_two_processes_match_a_single_process(tmp_path):
 def test_cli_help_lists_the_config():
     from eqprop.cli import build_parser
 
-    text = build_parser()._subparsers._group_actions[0].choices["markov"]._subparsers._group_actions[0] \
-        .choices["train"].format_help()
-    for option in ("--k", "--n-layer", "--pos-enc", "--grad-accum-steps", "--target-gap-pct", "--resume",
-                   "--overwrite", "--final-eval-seeds", "--bf16"):
+    text = (
+        build_parser()
+        ._subparsers._group_actions[0]
+        .choices["markov"]
+        ._subparsers._group_actions[0]
+        .choices["train"]
+        .format_help()
+    )
+    for option in (
+        "--k",
+        "--n-layer",
+        "--pos-enc",
+        "--grad-accum-steps",
+        "--target-gap-pct",
+        "--resume",
+        "--overwrite",
+        "--final-eval-seeds",
+        "--bf16",
+    ):
         assert option in text
 
 
@@ -359,13 +439,19 @@ def test_cli_ladder_runs_one_rung(tmp_path, capsys):
 _COSINE = [1.5e-3, 3e-3, 3e-3, 3e-4]
 
 
-@pytest.mark.parametrize("opts,lrs", [
-    (dict(pos_enc="alibi", bf16=True, schedule="wsd"), [1.5e-3, 3e-3, 3e-3, 3e-4]),
-    (dict(pos_enc="learned", grad_checkpointing=True, schedule="constant", grad_accum_steps=2),
-     [1.5e-3, 3e-3, 3e-3, 3e-3]),
-    (dict(pos_enc="sinusoidal", eval_seq_len=96), _COSINE),
-    (dict(pos_enc="none", n_layer=2), _COSINE),
-], ids=["alibi-bf16-wsd", "learned-ckpt-accum", "sinusoidal-longer-eval", "nope"])
+@pytest.mark.parametrize(
+    "opts,lrs",
+    [
+        (dict(pos_enc="alibi", bf16=True, schedule="wsd"), [1.5e-3, 3e-3, 3e-3, 3e-4]),
+        (
+            dict(pos_enc="learned", grad_checkpointing=True, schedule="constant", grad_accum_steps=2),
+            [1.5e-3, 3e-3, 3e-3, 3e-3],
+        ),
+        (dict(pos_enc="sinusoidal", eval_seq_len=96), _COSINE),
+        (dict(pos_enc="none", n_layer=2), _COSINE),
+    ],
+    ids=["alibi-bf16-wsd", "learned-ckpt-accum", "sinusoidal-longer-eval", "nope"],
+)
 def test_model_and_optimizer_options_train(tmp_path, opts, lrs):
     cfg = tm.TrainConfig(**{**TINY, "max_steps": 4, **opts}, out_dir=str(tmp_path))
     s = tm.train(cfg)
@@ -411,6 +497,9 @@ def test_evaluate_scores_the_bayes_predictor_at_zero_gap_everywhere():
     r = tm.evaluate(_BayesPredictor(2), config=cfg, n_batches=2, seed=11)
     assert r.n_seqs == 32 and r.seq_len == 120
     assert abs(r.gap_pct) < 1e-4 and r.model_nll == pytest.approx(r.bayes_nll, abs=1e-6)
-    parts = [r.by_position[n] for n in ("early", "middle", "late")] + r.by_position["bins"] + \
-        [b for b in r.by_visit_count if b["gap_pct"] is not None]
+    parts = (
+        [r.by_position[n] for n in ("early", "middle", "late")]
+        + r.by_position["bins"]
+        + [b for b in r.by_visit_count if b["gap_pct"] is not None]
+    )
     assert len(parts) > 20 and all(abs(p["gap_pct"]) < 1e-4 for p in parts)

@@ -47,6 +47,13 @@ def check(got, expected, bound, what=""):
         test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
         dtype = getattr(got, "dtype", type(got).__name__)
         with open(path, "a", newline="") as fh:
-            csv.writer(fh).writerow([test + (f" [{what}]" if what else ""), str(dtype).replace("torch.", ""),
-                                     f"{err:.3g}", f"{bound:.3g}", f"{err / bound if bound else float('inf'):.3g}"])
+            csv.writer(fh).writerow(
+                [
+                    test + (f" [{what}]" if what else ""),
+                    str(dtype).replace("torch.", ""),
+                    f"{err:.3g}",
+                    f"{bound:.3g}",
+                    f"{err / bound if bound else float('inf'):.3g}",
+                ]
+            )
     assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g}"

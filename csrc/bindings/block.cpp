@@ -1,12 +1,13 @@
 // pybind11 bindings of the equilibrium transformer block (csrc/block): its config, the parameter
 // layout, F(z; x) and its branches, and the native vector field the engine's solvers run.
+#include "block/block.h"
+
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "bindings/binder.h"
 #include "bindings/vector_field_binding.h"
-#include "block/block.h"
 #include "block/block_field.h"
 
 namespace py = pybind11;
@@ -49,9 +50,10 @@ BlockConfig config_from_state(const py::dict& d) {
   return eqprop::block::make_config(
       d["d_model"].cast<int64_t>(), d["n_heads"].cast<int64_t>(), d["d_ff"].cast<int64_t>(),
       d["coupling"].cast<std::string>(), d["attention"].cast<std::string>(), d["ffn"].cast<std::string>(),
-      d["qk_norm"].cast<bool>(), d["bias"].cast<bool>(), d["rope"].cast<bool>(), d["rope_base"].cast<double>(),
-      d["spectral_rho"].cast<std::optional<double>>(), d["monotone_m"].cast<double>(), d["ln_eps"].cast<double>(),
-      d["qk_eps"].cast<double>(), d["attn_kernel"].cast<std::string>());
+      d["qk_norm"].cast<bool>(), d["bias"].cast<bool>(), d["rope"].cast<bool>(),
+      d["rope_base"].cast<double>(), d["spectral_rho"].cast<std::optional<double>>(),
+      d["monotone_m"].cast<double>(), d["ln_eps"].cast<double>(), d["qk_eps"].cast<double>(),
+      d["attn_kernel"].cast<std::string>());
 }
 
 }  // namespace
@@ -69,14 +71,15 @@ static eqprop::Binder bind_block([](py::module_& m) {
       [](const BlockConfig& cfg, std::vector<at::Tensor> params, std::vector<at::Tensor> sn_u,
          std::optional<at::Tensor> x) {
         // relax(block, None) arrives here: say what x must be rather than a signature mismatch.
-        TORCH_CHECK_VALUE(x.has_value() && x->defined(), "x (the injection) must be a tensor [B, T, C] with C = ",
-                          cfg.d_model, " for the block's vector field, got None");
+        TORCH_CHECK_VALUE(x.has_value() && x->defined(),
+                          "x (the injection) must be a tensor [B, T, C] with C = ", cfg.d_model,
+                          " for the block's vector field, got None");
         return std::make_shared<BlockField>(cfg, std::move(params), std::move(sn_u), std::move(*x));
       },
       py::arg("config"), py::arg("params"), py::arg("sn_u"), py::arg("x"),
       "The block with injection x [B, T, C] bound, as a VectorField for the engine (no Python in its loop).");
   py::class_<BlockConfig>(m, "BlockConfig",
-                          "Options of the equilibrium transformer block (DESIGN.md §4), validated on "
+                          "Options of the equilibrium transformer block (docs/design.md §4), validated on "
                           "construction.")
       .def(py::init([](int64_t d_model, int64_t n_heads, int64_t d_ff, const std::string& coupling,
                        const std::string& attention, const std::string& ffn, bool qk_norm, bool bias,
@@ -89,9 +92,8 @@ static eqprop::Binder bind_block([](py::module_& m) {
            py::kw_only(), py::arg("d_model"), py::arg("n_heads"), py::arg("d_ff") = 0,
            py::arg("coupling") = "coupled", py::arg("attention") = "softmax", py::arg("ffn") = "mlp",
            py::arg("qk_norm") = true, py::arg("bias") = false, py::arg("rope") = false,
-           py::arg("rope_base") = 10000.0, py::arg("spectral_rho") = py::none(),
-           py::arg("monotone_m") = 0.1, py::arg("ln_eps") = 1e-5, py::arg("qk_eps") = 1e-6,
-           py::arg("attn_kernel") = "auto")
+           py::arg("rope_base") = 10000.0, py::arg("spectral_rho") = py::none(), py::arg("monotone_m") = 0.1,
+           py::arg("ln_eps") = 1e-5, py::arg("qk_eps") = 1e-6, py::arg("attn_kernel") = "auto")
       .def_readonly("d_model", &BlockConfig::d_model)
       .def_readonly("n_heads", &BlockConfig::n_heads)
       .def_readonly("d_ff", &BlockConfig::d_ff)
@@ -110,7 +112,8 @@ static eqprop::Binder bind_block([](py::module_& m) {
       .def(py::pickle(&config_state, &config_from_state))
       .def("__eq__",
            [](const BlockConfig& a, py::object b) {
-             return py::isinstance<BlockConfig>(b) && config_state(a).equal(config_state(py::cast<BlockConfig>(b)));
+             return py::isinstance<BlockConfig>(b) &&
+                    config_state(a).equal(config_state(py::cast<BlockConfig>(b)));
            })
       .def("__repr__", [](const BlockConfig& c) {
         return c10::str("BlockConfig(d_model=", c.d_model, ", n_heads=", c.n_heads, ", d_ff=", c.d_ff,

@@ -62,7 +62,7 @@ void check_field(const std::shared_ptr<VectorField>& f) {
   TORCH_CHECK_VALUE(f != nullptr, "field must be an eqprop._C.VectorField, got None");
 }
 
-// x (the injection) at the boundary: a finite floating/complex tensor (DESIGN.md §4).
+// x (the injection) at the boundary: a finite floating/complex tensor (docs/design.md §4).
 void check_injection(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.defined(), "x must be a tensor, got None");
   TORCH_CHECK_VALUE(x.is_floating_point() || x.is_complex(),
@@ -96,7 +96,7 @@ void bind_vector_field(py::module_& m) {
   if (py::hasattr(m, "VectorField")) return;
   py::class_<VectorField, std::shared_ptr<VectorField>>(
       m, "VectorField",
-      "A vector field F(z; x) with x bound (DESIGN.md §5): eval, vjp (plain transpose Jᵀv), jvp (Jv),\n"
+      "A vector field F(z; x) with x bound (docs/design.md §5): eval, vjp (plain transpose Jᵀv), jvp (Jv),\n"
       "param_vjp ((∂F/∂θ)ᵀv per parameter). z: [B, ...], the first dimension indexes samples.")
       .def("eval", &VectorField::eval, py::arg("z"), gil_release(), "F(z; x), same shape as z.")
       .def("vjp", &VectorField::vjp, py::arg("z"), py::arg("v"), gil_release(),
@@ -104,10 +104,10 @@ void bind_vector_field(py::module_& m) {
       .def("jvp", &VectorField::jvp, py::arg("z"), py::arg("v"), gil_release(), "Jv at z.")
       .def("param_vjp", &VectorField::param_vjp, py::arg("z"), py::arg("v"), gil_release(),
            "(∂F/∂θ)ᵀv at z: a list, one tensor per parameter (order of parameters()).")
-      .def("vjp_differentiable", &VectorField::vjp_differentiable, py::arg("z"), py::arg("v"),
-           gil_release(), "Jᵀv on the autograd graph (differentiable in the parameters).")
-      .def("jvp_differentiable", &VectorField::jvp_differentiable, py::arg("z"), py::arg("v"),
-           gil_release(), "Jv on the autograd graph (differentiable in the parameters).")
+      .def("vjp_differentiable", &VectorField::vjp_differentiable, py::arg("z"), py::arg("v"), gil_release(),
+           "Jᵀv on the autograd graph (differentiable in the parameters).")
+      .def("jvp_differentiable", &VectorField::jvp_differentiable, py::arg("z"), py::arg("v"), gil_release(),
+           "Jv on the autograd graph (differentiable in the parameters).")
       .def("parameters", &VectorField::parameters, gil_release())
       .def("parameter_names", &VectorField::parameter_names, gil_release());
   py::class_<AutogradField, VectorField, std::shared_ptr<AutogradField>>(
@@ -167,7 +167,8 @@ static Binder bind_engine([](py::module_& m) {
         return out;
       },
       py::arg("field"), py::arg("z0"), py::arg("options"), py::arg("drive") = py::none(),
-      "Relax to z* = F(z*) (DESIGN.md §4) with RelaxOptions; drive(z) adds to F (nudged phases). Returns a dict.");
+      "Relax to z* = F(z*) (docs/design.md §4) with RelaxOptions; drive(z) adds to F (nudged phases). Returns a "
+      "dict.");
 
   m.def(
       "adjoint_solve",
@@ -185,7 +186,7 @@ static Binder bind_engine([](py::module_& m) {
       },
       py::arg("field"), py::arg("z"), py::arg("g"), py::arg("max_steps"), py::arg("tol"),
       py::arg("solver") = "picard", py::arg("anderson_m") = 5, py::arg("eps") = 1.0,
-      "Solve (I − Jᵀ)λ = g at z by relaxing λ ↦ Jᵀλ + g (Picard: recurrent backprop; DESIGN.md §5).");
+      "Solve (I − Jᵀ)λ = g at z by relaxing λ ↦ Jᵀλ + g (Picard: recurrent backprop; docs/design.md §5).");
 
   m.def(
       "implicit_grads",
@@ -221,20 +222,27 @@ static Binder bind_engine([](py::module_& m) {
       py::arg("z"), py::arg("fz"), py::arg("eps"), gil_release());
 
   namespace dg = diagnostics;
-  m.def("residual", [](std::shared_ptr<VectorField> f, const at::Tensor& z) { check_field(f); return dg::residual(*f, z); },
-        py::arg("field"), py::arg("z"), gil_release());
-  m.def("spectral_radius",
-        [](std::shared_ptr<VectorField> f, const at::Tensor& z, int64_t iters, uint64_t seed) {
-          check_field(f);
-          return dg::spectral_radius(*f, z, iters, seed);
-        },
-        py::arg("field"), py::arg("z"), py::arg("iters"), py::arg("seed"), gil_release());
-  m.def("spectral_norm",
-        [](std::shared_ptr<VectorField> f, const at::Tensor& z, int64_t iters, uint64_t seed) {
-          check_field(f);
-          return dg::spectral_norm(*f, z, iters, seed);
-        },
-        py::arg("field"), py::arg("z"), py::arg("iters"), py::arg("seed"), gil_release());
+  m.def(
+      "residual",
+      [](std::shared_ptr<VectorField> f, const at::Tensor& z) {
+        check_field(f);
+        return dg::residual(*f, z);
+      },
+      py::arg("field"), py::arg("z"), gil_release());
+  m.def(
+      "spectral_radius",
+      [](std::shared_ptr<VectorField> f, const at::Tensor& z, int64_t iters, uint64_t seed) {
+        check_field(f);
+        return dg::spectral_radius(*f, z, iters, seed);
+      },
+      py::arg("field"), py::arg("z"), py::arg("iters"), py::arg("seed"), gil_release());
+  m.def(
+      "spectral_norm",
+      [](std::shared_ptr<VectorField> f, const at::Tensor& z, int64_t iters, uint64_t seed) {
+        check_field(f);
+        return dg::spectral_norm(*f, z, iters, seed);
+      },
+      py::arg("field"), py::arg("z"), py::arg("iters"), py::arg("seed"), gil_release());
   using EstFn = dg::ProbeEstimate (*)(VectorField&, const at::Tensor&, int64_t, uint64_t, const std::string&);
   const std::pair<const char*, EstFn> estimators[] = {{"frobenius_sq", &dg::frobenius_sq},
                                                       {"nonnormality", &dg::nonnormality},
@@ -254,22 +262,24 @@ static Binder bind_engine([](py::module_& m) {
         },
         py::arg("field"), py::arg("z"), py::arg("probes"), py::arg("seed"), py::arg("dist"));
   }
-  m.def("jacobian_penalty",
-        [](std::shared_ptr<VectorField> f, const at::Tensor& z, int64_t probes, uint64_t seed, double weight,
-           const std::string& dist) {
-          check_field(f);
-          return dg::jacobian_penalty(*f, z, probes, seed, weight, dist);
-        },
-        py::arg("field"), py::arg("z"), py::arg("probes"), py::arg("seed"), py::arg("weight"), py::arg("dist"),
-        gil_release());
-  m.def("homeostatic_loss",
-        [](std::shared_ptr<VectorField> f, const at::Tensor& z, int64_t probes, uint64_t seed, double weight,
-           const std::string& dist) {
-          check_field(f);
-          return dg::homeostatic_loss(*f, z, probes, seed, weight, dist);
-        },
-        py::arg("field"), py::arg("z"), py::arg("probes"), py::arg("seed"), py::arg("weight"), py::arg("dist"),
-        gil_release());
+  m.def(
+      "jacobian_penalty",
+      [](std::shared_ptr<VectorField> f, const at::Tensor& z, int64_t probes, uint64_t seed, double weight,
+         const std::string& dist) {
+        check_field(f);
+        return dg::jacobian_penalty(*f, z, probes, seed, weight, dist);
+      },
+      py::arg("field"), py::arg("z"), py::arg("probes"), py::arg("seed"), py::arg("weight"), py::arg("dist"),
+      gil_release());
+  m.def(
+      "homeostatic_loss",
+      [](std::shared_ptr<VectorField> f, const at::Tensor& z, int64_t probes, uint64_t seed, double weight,
+         const std::string& dist) {
+        check_field(f);
+        return dg::homeostatic_loss(*f, z, probes, seed, weight, dist);
+      },
+      py::arg("field"), py::arg("z"), py::arg("probes"), py::arg("seed"), py::arg("weight"), py::arg("dist"),
+      gil_release());
 });
 
 }  // namespace eqprop

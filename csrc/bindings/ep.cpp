@@ -3,6 +3,8 @@
 //
 // Threading as in the engine bindings: entry points release the GIL; a Python loss gradient takes
 // it back for its one call per nudged step, the native readout runs with no Python in the loop.
+#include "estimators/ep.h"
+
 #include <torch/extension.h>
 
 #include <memory>
@@ -12,7 +14,6 @@
 
 #include "bindings/binder.h"
 #include "bindings/vector_field_binding.h"
-#include "estimators/ep.h"
 
 namespace py = pybind11;
 
@@ -22,8 +23,8 @@ namespace {
 namespace est = estimators;
 
 // The one place Python's options become the nudged phase's (relaxation options of eqprop.ep.EP).
-est::NudgeOptions nudge_options(double eps, double tol, double divergence, bool trace,
-                                int64_t check_every, std::vector<int64_t> t2, const std::string& correction) {
+est::NudgeOptions nudge_options(double eps, double tol, double divergence, bool trace, int64_t check_every,
+                                std::vector<int64_t> t2, const std::string& correction) {
   est::NudgeOptions o;
   o.eps = eps;
   o.tol = tol;
@@ -41,8 +42,10 @@ est::LossGrad loss_grad_from(const py::object& obj) {
     auto ro = py::cast<std::shared_ptr<est::CrossEntropyReadout>>(obj);
     return [ro](const at::Tensor& z) { return ro->grad(z); };
   }
-  TORCH_CHECK_VALUE(PyCallable_Check(obj.ptr()), "loss_grad must be an eqprop._C.CrossEntropyReadout or callable "
-                    "as loss_grad(z), got ", std::string(py::str(py::type::of(obj))));
+  TORCH_CHECK_VALUE(PyCallable_Check(obj.ptr()),
+                    "loss_grad must be an eqprop._C.CrossEntropyReadout or callable "
+                    "as loss_grad(z), got ",
+                    std::string(py::str(py::type::of(obj))));
   // Owned under the GIL, released under the GIL (the engine runs without it).
   std::shared_ptr<py::object> fn(new py::object(obj), [](py::object* p) {
     py::gil_scoped_acquire gil;
@@ -58,7 +61,8 @@ est::LossGrad loss_grad_from(const py::object& obj) {
 
 py::dict points_dict(const est::EPPoints& p) {
   py::list beta;
-  for (const auto& b : p.beta) beta.append(py::reinterpret_steal<py::object>(PyComplex_FromDoubles(b.real(), b.imag())));
+  for (const auto& b : p.beta)
+    beta.append(py::reinterpret_steal<py::object>(PyComplex_FromDoubles(b.real(), b.imag())));
   py::dict d;
   d["n_points"] = p.n_points;
   d["radius"] = p.radius;
@@ -78,7 +82,8 @@ static Binder bind_ep([](py::module_& m) {
       "The standard readout ℓ(z) = CE(head(LayerNorm(z)), targets) with its closed-form, holomorphic ∂ℓ/∂z\n"
       "(docs/design.md §5). z: [P·B, T, C] (P blocks of the B target rows), real or complex.")
       .def(py::init([](at::Tensor ln_weight, std::optional<at::Tensor> ln_bias, at::Tensor head_weight,
-                       std::optional<at::Tensor> head_bias, at::Tensor targets, int64_t ignore_index, double ln_eps) {
+                       std::optional<at::Tensor> head_bias, at::Tensor targets, int64_t ignore_index,
+                       double ln_eps) {
              return std::make_shared<est::CrossEntropyReadout>(
                  std::move(ln_weight), ln_bias.value_or(at::Tensor()), std::move(head_weight),
                  head_bias.value_or(at::Tensor()), std::move(targets), ignore_index, ln_eps);
@@ -96,11 +101,13 @@ static Binder bind_ep([](py::module_& m) {
         return points_dict(est::ep_points(n_points, radius, conjugate_shortcut));
       },
       py::arg("n_points"), py::arg("beta"), py::arg("conjugate_shortcut") = true,
-      "The nudging points β_k = r e^{2πik/N} that relax (only Im β ≥ 0 with the shortcut) and their weights m_k.");
+      "The nudging points β_k = r e^{2πik/N} that relax (only Im β ≥ 0 with the shortcut) and their weights "
+      "m_k.");
 
   m.def("ep_stack_points", &est::stack_points, py::arg("field"), py::arg("points"), py::arg("batch"),
         py::arg("complex"), py::call_guard<py::gil_scoped_release>(),
-        "The field for `points` copies of its B samples stacked on the batch axis (complex arithmetic if asked).");
+        "The field for `points` copies of its B samples stacked on the batch axis (complex arithmetic if "
+        "asked).");
 
   m.def(
       "ep_grads",
@@ -108,7 +115,8 @@ static Binder bind_ep([](py::module_& m) {
          int64_t n_points, double beta, bool conjugate_shortcut, py::object loss_grad, double eps, double tol,
          double divergence, bool trace, int64_t check_every, std::vector<int64_t> t2,
          const std::string& correction) {
-        TORCH_CHECK_VALUE(field != nullptr && stacked != nullptr, "field and stacked must be VectorFields, got None");
+        TORCH_CHECK_VALUE(field != nullptr && stacked != nullptr,
+                          "field and stacked must be VectorFields, got None");
         const est::EPPoints pts = est::ep_points(n_points, beta, conjugate_shortcut);
         const est::NudgeOptions opt =
             nudge_options(eps, tol, divergence, trace, check_every, std::move(t2), correction);
@@ -138,8 +146,10 @@ static Binder bind_ep([](py::module_& m) {
         return d;
       },
       py::arg("field"), py::arg("stacked"), py::arg("z_star"), py::arg("n_points"), py::arg("beta"),
-      py::arg("conjugate_shortcut"), py::arg("loss_grad"), py::arg("eps"), py::arg("tol"), py::arg("divergence"), py::arg("trace"), py::arg("check_every"), py::arg("t2"), py::arg("correction"),
-      "The EP estimate (docs/design.md §5): the nudged phase of `stacked` from z*, then (∂F/∂θ)ᵀv once at z*.");
+      py::arg("conjugate_shortcut"), py::arg("loss_grad"), py::arg("eps"), py::arg("tol"),
+      py::arg("divergence"), py::arg("trace"), py::arg("check_every"), py::arg("t2"), py::arg("correction"),
+      "The EP estimate (docs/design.md §5): the nudged phase of `stacked` from z*, then (∂F/∂θ)ᵀv once at "
+      "z*.");
 });
 
 }  // namespace eqprop

@@ -8,8 +8,8 @@
 
 namespace {
 // Shapes and dtypes of relax_damped_step's outputs without computing them (torch.compile, opcheck).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> relax_damped_step_meta(const at::Tensor& z, const at::Tensor& fz,
-                                                                      double eps) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relax_damped_step_meta(const at::Tensor& z,
+                                                                      const at::Tensor& fz, double eps) {
   const auto nd = (z.scalar_type() == at::kHalf || z.scalar_type() == at::kBFloat16)
                       ? at::kFloat
                       : c10::toRealValueType(z.scalar_type());
@@ -19,8 +19,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> relax_damped_step_meta(const at::
 }  // namespace
 
 TORCH_LIBRARY(eqprop, m) {
-  m.def("markov_sample(int batch, int k, int seq_len, int vocab_size, float alpha, int seed, "
-        "Device device, ScalarType table_dtype) -> (Tensor, Tensor)");
+  m.def(
+      "markov_sample(int batch, int k, int seq_len, int vocab_size, float alpha, int seed, "
+      "Device device, ScalarType table_dtype) -> (Tensor, Tensor)");
   m.def("markov_bayes_nll(Tensor tokens, int k, int vocab_size, float alpha, ScalarType dtype) -> Tensor");
   m.def("markov_oracle_nll(Tensor tokens, Tensor tables, int k) -> Tensor");
   m.def("markov_log_evidence(Tensor tokens, int k, int vocab_size, float alpha) -> Tensor");
@@ -40,6 +41,4 @@ TORCH_LIBRARY_IMPL(eqprop, CompositeExplicitAutograd, m) {
   m.impl("relax_damped_step", &eqprop::solvers::damped_step);
 }
 
-TORCH_LIBRARY_IMPL(eqprop, Meta, m) {
-  m.impl("relax_damped_step", &relax_damped_step_meta);
-}
+TORCH_LIBRARY_IMPL(eqprop, Meta, m) { m.impl("relax_damped_step", &relax_damped_step_meta); }

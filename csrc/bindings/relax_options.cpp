@@ -74,7 +74,9 @@ const std::vector<Field>& fields() {
        [](RelaxOptions& o, py::handle v, const std::string& w) { o.tol = to_float(w, "tol", v); },
        [](const RelaxOptions& o) -> py::object { return py::float_(o.tol); }},
       {"stop", "'rel': ||F(z) - z|| / ||F(z)||, 'abs': ||F(z) - z||",
-       [](RelaxOptions& o, py::handle v, const std::string& w) { o.stop = sv::parse_stop(to_str(w, "stop", v)); },
+       [](RelaxOptions& o, py::handle v, const std::string& w) {
+         o.stop = sv::parse_stop(to_str(w, "stop", v));
+       },
        [](const RelaxOptions& o) -> py::object { return py::str(sv::to_string(o.stop)); }},
       {"solver", "'picard' (damped) or 'anderson' (type II)",
        [](RelaxOptions& o, py::handle v, const std::string& w) {
@@ -85,16 +87,22 @@ const std::vector<Field>& fields() {
        [](RelaxOptions& o, py::handle v, const std::string& w) { o.anderson_m = to_int(w, "anderson_m", v); },
        [](const RelaxOptions& o) -> py::object { return py::int_(o.anderson_m); }},
       {"anderson_reg", "Anderson's Tikhonov lambda relative to the Gram matrix's mean diagonal (>= 0)",
-       [](RelaxOptions& o, py::handle v, const std::string& w) { o.anderson_reg = to_float(w, "anderson_reg", v); },
+       [](RelaxOptions& o, py::handle v, const std::string& w) {
+         o.anderson_reg = to_float(w, "anderson_reg", v);
+       },
        [](const RelaxOptions& o) -> py::object { return py::float_(o.anderson_reg); }},
       {"divergence", "a sample diverged when its residual is non-finite or > divergence x its first (> 1)",
-       [](RelaxOptions& o, py::handle v, const std::string& w) { o.divergence = to_float(w, "divergence", v); },
+       [](RelaxOptions& o, py::handle v, const std::string& w) {
+         o.divergence = to_float(w, "divergence", v);
+       },
        [](const RelaxOptions& o) -> py::object { return py::float_(o.divergence); }},
       {"trace", "keep the residual trace [T, B]",
        [](RelaxOptions& o, py::handle v, const std::string& w) { o.trace = to_bool(w, "trace", v); },
        [](const RelaxOptions& o) -> py::object { return py::bool_(o.trace); }},
       {"check_every", "steps between host checks (one device sync each; int >= 1)",
-       [](RelaxOptions& o, py::handle v, const std::string& w) { o.check_every = to_int(w, "check_every", v); },
+       [](RelaxOptions& o, py::handle v, const std::string& w) {
+         o.check_every = to_int(w, "check_every", v);
+       },
        [](const RelaxOptions& o) -> py::object { return py::int_(o.check_every); }},
       {"cuda_graph", "None: replay the step as a CUDA graph when it can; True: demand it; False: never",
        [](RelaxOptions& o, py::handle v, const std::string& w) {
@@ -103,7 +111,8 @@ const std::vector<Field>& fields() {
          } else if (PyBool_Check(v.ptr())) {
            o.cuda_graph = v.ptr() == Py_True ? sv::CudaGraph::on : sv::CudaGraph::off;
          } else {
-           throw py::type_error(w + "cuda_graph must be None (auto), True or False, got " + std::string(py::repr(v)));
+           throw py::type_error(w + "cuda_graph must be None (auto), True or False, got " +
+                                std::string(py::repr(v)));
          }
        },
        [](const RelaxOptions& o) -> py::object {
@@ -188,8 +197,7 @@ void install_interrupt_hook() {
 
 static eqprop::Binder bind_relax_options([](py::module_& m) {
   py::class_<RelaxOptions> cls(m, "RelaxOptions", class_doc().c_str());
-  cls
-      .def(py::init([](const py::kwargs& kw) { return from_kwargs("RelaxOptions", kw); }))
+  cls.def(py::init([](const py::kwargs& kw) { return from_kwargs("RelaxOptions", kw); }))
       .def_static(
           "from_kwargs", [](const std::string& where, const py::dict& kw) { return from_kwargs(where, kw); },
           py::arg("where"), py::arg("kwargs"),
@@ -223,15 +231,14 @@ static eqprop::Binder bind_relax_options([](py::module_& m) {
   // Attributes read and write through the same table; an assignment is checked like construction.
   for (const auto& f : fields()) {
     const Field* fp = &f;
-    cls.def_property(
-        f.name, py::cpp_function([fp](const RelaxOptions& o) { return fp->get(o); }),
-        py::cpp_function([fp](RelaxOptions& o, py::handle v) {
-          RelaxOptions c = o;
-          fp->set(c, v, "");
-          sv::check_options(c);
-          o = c;
-        }),
-        f.doc);
+    cls.def_property(f.name, py::cpp_function([fp](const RelaxOptions& o) { return fp->get(o); }),
+                     py::cpp_function([fp](RelaxOptions& o, py::handle v) {
+                       RelaxOptions c = o;
+                       fp->set(c, v, "");
+                       sv::check_options(c);
+                       o = c;
+                     }),
+                     f.doc);
   }
   install_interrupt_hook();
 });

@@ -1,4 +1,4 @@
-// The equilibrium transformer block (DESIGN.md §4); see block.h for the equations.
+// The equilibrium transformer block (docs/design.md §4); see block.h for the equations.
 #include "block/block.h"
 
 #include <ATen/ATen.h>
@@ -104,9 +104,9 @@ struct Rope {
 };
 Rope rope_tables(int64_t T, int64_t d, double base, const Tensor& like) {
   auto opts = at::TensorOptions().dtype(at::kDouble).device(like.device());
-  Tensor inv_freq = at::pow(base, -at::arange(0, d / 2, opts) * (2.0 / d));        // [d/2]
-  Tensor ang = at::outer(at::arange(0, T, opts), inv_freq);                         // [T, d/2]
-  ang = at::cat({ang, ang}, -1);                                                    // [T, d]
+  Tensor inv_freq = at::pow(base, -at::arange(0, d / 2, opts) * (2.0 / d));  // [d/2]
+  Tensor ang = at::outer(at::arange(0, T, opts), inv_freq);                  // [T, d/2]
+  ang = at::cat({ang, ang}, -1);                                             // [T, d]
   auto real = c10::toRealValueType(like.scalar_type());
   return {ang.cos().to(real), ang.sin().to(real)};
 }
@@ -124,8 +124,8 @@ Tensor rope_transpose(const Tensor& g, const Rope& r) { return g * r.cos - rotat
 struct HeadProj {
   Tensor linear, vec;
 };
-HeadProj project(const BlockConfig& cfg, const Tensor& u, const Tensor& W, const Tensor& b,
-                 const Tensor& g, const Rope* rope) {
+HeadProj project(const BlockConfig& cfg, const Tensor& u, const Tensor& W, const Tensor& b, const Tensor& g,
+                 const Rope* rope) {
   HeadProj p;
   p.linear = split_heads(at::linear(u, W, b), cfg.n_heads);  // [B, T, C] -> [B, H, T, d]
   p.vec = cfg.qk_norm ? rms_norm(p.linear, g, cfg.qk_eps) : p.linear;
@@ -180,9 +180,9 @@ Tensor energy_attention(const BlockConfig& cfg, const Weights& w, const Tensor& 
   HeadProj k = project(cfg, u, w.wk, w.bk, w.k_norm, rp);
   const double beta = 1.0 / std::sqrt(static_cast<double>(d));
   Tensor P = causal_softmax(at::matmul(q.vec, k.vec.transpose(-1, -2)) * beta, causal_mask(T, u.device()));
-  Tensor gamma = w.energy_gain.view({1, -1, 1, 1});                    // [1, H, 1, 1]
-  Tensor gq = gamma * at::matmul(P, k.vec);                             // [B, H, T, d]
-  Tensor gk = gamma * at::matmul(P.transpose(-1, -2), q.vec);           // [B, H, T, d]
+  Tensor gamma = w.energy_gain.view({1, -1, 1, 1});            // [1, H, 1, 1]
+  Tensor gq = gamma * at::matmul(P, k.vec);                    // [B, H, T, d]
+  Tensor gk = gamma * at::matmul(P.transpose(-1, -2), q.vec);  // [B, H, T, d]
   if (rp) {
     gq = rope_transpose(gq, rope);
     gk = rope_transpose(gk, rope);
@@ -218,17 +218,17 @@ std::string to_string(AttnKernel k) { return k == AttnKernel::kAuto ? "auto" : "
 
 BlockConfig make_config(int64_t d_model, int64_t n_heads, int64_t d_ff, const std::string& coupling,
                         const std::string& attention, const std::string& ffn, bool qk_norm, bool bias,
-                        bool rope, double rope_base, std::optional<double> spectral_rho,
-                        double monotone_m, double ln_eps, double qk_eps, const std::string& attn_kernel) {
+                        bool rope, double rope_base, std::optional<double> spectral_rho, double monotone_m,
+                        double ln_eps, double qk_eps, const std::string& attn_kernel) {
   BlockConfig c;
   TORCH_CHECK_VALUE(d_model >= 1, "d_model must be >= 1, got ", d_model);
   TORCH_CHECK_VALUE(n_heads >= 1, "n_heads must be >= 1, got ", n_heads);
-  TORCH_CHECK_VALUE(d_model % n_heads == 0, "d_model must be divisible by n_heads, got d_model=",
-                    d_model, " and n_heads=", n_heads);
+  TORCH_CHECK_VALUE(d_model % n_heads == 0, "d_model must be divisible by n_heads, got d_model=", d_model,
+                    " and n_heads=", n_heads);
   c.d_model = d_model;
   c.n_heads = n_heads;
-  c.coupling = parse_option<Coupling>("coupling", coupling,
-                                      {{"coupled", Coupling::kCoupled}, {"sequential", Coupling::kSequential}});
+  c.coupling = parse_option<Coupling>(
+      "coupling", coupling, {{"coupled", Coupling::kCoupled}, {"sequential", Coupling::kSequential}});
   c.attention = parse_option<Attention>("attention", attention,
                                         {{"softmax", Attention::kSoftmax}, {"energy", Attention::kEnergy}});
   c.ffn = parse_option<Ffn>("ffn", ffn, {{"mlp", Ffn::kMlp}, {"monotone", Ffn::kMonotone}});
@@ -245,8 +245,8 @@ BlockConfig make_config(int64_t d_model, int64_t n_heads, int64_t d_ff, const st
     TORCH_CHECK_VALUE(c.head_dim() % 2 == 0, "rope needs an even head dimension d_model / n_heads, got ",
                       c.head_dim(), " (d_model=", d_model, ", n_heads=", n_heads, ")");
   }
-  TORCH_CHECK_VALUE(std::isfinite(rope_base) && rope_base > 1.0, "rope_base must be a finite number > 1, got ",
-                    rope_base);
+  TORCH_CHECK_VALUE(std::isfinite(rope_base) && rope_base > 1.0,
+                    "rope_base must be a finite number > 1, got ", rope_base);
   c.rope_base = rope_base;
   if (spectral_rho.has_value()) {
     TORCH_CHECK_VALUE(std::isfinite(*spectral_rho) && *spectral_rho > 0.0,
@@ -255,8 +255,10 @@ BlockConfig make_config(int64_t d_model, int64_t n_heads, int64_t d_ff, const st
   c.spectral_rho = spectral_rho;
   TORCH_CHECK_VALUE(monotone_m > 0.0 && monotone_m < 1.0, "monotone_m must be in (0, 1), got ", monotone_m);
   c.monotone_m = monotone_m;
-  TORCH_CHECK_VALUE(ln_eps > 0.0 && std::isfinite(ln_eps), "ln_eps must be a finite number > 0, got ", ln_eps);
-  TORCH_CHECK_VALUE(qk_eps > 0.0 && std::isfinite(qk_eps), "qk_eps must be a finite number > 0, got ", qk_eps);
+  TORCH_CHECK_VALUE(ln_eps > 0.0 && std::isfinite(ln_eps), "ln_eps must be a finite number > 0, got ",
+                    ln_eps);
+  TORCH_CHECK_VALUE(qk_eps > 0.0 && std::isfinite(qk_eps), "qk_eps must be a finite number > 0, got ",
+                    qk_eps);
   c.ln_eps = ln_eps;
   c.qk_eps = qk_eps;
   return c;
@@ -294,12 +296,18 @@ const std::vector<ParamInfo>& param_table() {
 
 std::string to_string(ParamInit i) {
   switch (i) {
-    case ParamInit::kOne: return "one";
-    case ParamInit::kZero: return "zero";
-    case ParamInit::kFanIn: return "fan_in";
-    case ParamInit::kFanInResinit: return "fan_in_resinit";
-    case ParamInit::kResinit: return "resinit";
-    case ParamInit::kMonotone: return "monotone";
+    case ParamInit::kOne:
+      return "one";
+    case ParamInit::kZero:
+      return "zero";
+    case ParamInit::kFanIn:
+      return "fan_in";
+    case ParamInit::kFanInResinit:
+      return "fan_in_resinit";
+    case ParamInit::kResinit:
+      return "resinit";
+    case ParamInit::kMonotone:
+      return "monotone";
   }
   return "?";
 }
@@ -307,20 +315,27 @@ std::string to_string(ParamInit i) {
 namespace {
 bool holds(unsigned needs, const BlockConfig& cfg) {
   const bool energy = cfg.attention == Attention::kEnergy;
-  return (!(needs & kBias) || cfg.bias) && (!(needs & kSoftmax) || !energy) && (!(needs & kEnergy) || energy) &&
-         (!(needs & kQkNorm) || cfg.qk_norm) && (!(needs & kMlp) || cfg.ffn == Ffn::kMlp) &&
-         (!(needs & kMonotone) || cfg.ffn == Ffn::kMonotone);
+  return (!(needs & kBias) || cfg.bias) && (!(needs & kSoftmax) || !energy) &&
+         (!(needs & kEnergy) || energy) && (!(needs & kQkNorm) || cfg.qk_norm) &&
+         (!(needs & kMlp) || cfg.ffn == Ffn::kMlp) && (!(needs & kMonotone) || cfg.ffn == Ffn::kMonotone);
 }
 std::vector<int64_t> shape_of(ParamShape s, const BlockConfig& cfg) {
   const int64_t C = cfg.d_model, D = cfg.d_ff;
   switch (s) {
-    case ParamShape::kC: return {C};
-    case ParamShape::kCxC: return {C, C};
-    case ParamShape::kHeadDim: return {cfg.head_dim()};
-    case ParamShape::kHeads: return {cfg.n_heads};
-    case ParamShape::kDxC: return {D, C};
-    case ParamShape::kCxD: return {C, D};
-    case ParamShape::kD: return {D};
+    case ParamShape::kC:
+      return {C};
+    case ParamShape::kCxC:
+      return {C, C};
+    case ParamShape::kHeadDim:
+      return {cfg.head_dim()};
+    case ParamShape::kHeads:
+      return {cfg.n_heads};
+    case ParamShape::kDxC:
+      return {D, C};
+    case ParamShape::kCxD:
+      return {C, D};
+    case ParamShape::kD:
+      return {D};
   }
   return {};
 }
@@ -354,8 +369,8 @@ void check_params(const BlockConfig& cfg, const std::vector<at::Tensor>& params,
   }
   const int64_t n_sn = count_spectral(specs);
   TORCH_CHECK_VALUE(static_cast<int64_t>(sn_u.size()) == n_sn, "sn_u must hold ", n_sn,
-                    " power-iteration vectors (one per spectrally normalized weight", cfg.spectral_rho ? "" : "; spectral_rho is None",
-                    "), got ", sn_u.size());
+                    " power-iteration vectors (one per spectrally normalized weight",
+                    cfg.spectral_rho ? "" : "; spectral_rho is None", "), got ", sn_u.size());
   size_t j = 0;
   for (size_t i = 0; i < specs.size(); ++i) {
     if (!specs[i].spectral) continue;
@@ -409,9 +424,9 @@ Weights effective_weights(const BlockConfig& cfg, const std::vector<at::Tensor>&
 
 Weights Weights::to(at::ScalarType dtype) const {
   Weights o = *this;
-  for (Tensor* t : {&o.ln1_w, &o.ln1_b, &o.ln2_w, &o.ln2_b, &o.wq, &o.wk, &o.wv, &o.wo, &o.bq, &o.bk,
-                    &o.bv, &o.bo, &o.q_norm, &o.k_norm, &o.energy_gain, &o.w1, &o.b1, &o.w2, &o.b2,
-                    &o.w_mono, &o.b_mono, &o.wqkv, &o.bqkv}) {
+  for (Tensor* t : {&o.ln1_w, &o.ln1_b, &o.ln2_w, &o.ln2_b,  &o.wq,     &o.wk,     &o.wv,          &o.wo,
+                    &o.bq,    &o.bk,    &o.bv,    &o.bo,     &o.q_norm, &o.k_norm, &o.energy_gain, &o.w1,
+                    &o.b1,    &o.w2,    &o.b2,    &o.w_mono, &o.b_mono, &o.wqkv,   &o.bqkv}) {
     if (t->defined()) *t = t->to(dtype);
   }
   return o;
@@ -493,8 +508,8 @@ void check_inputs(const BlockConfig& cfg, const std::vector<at::Tensor>& params,
                   const at::Tensor& x, bool check_x_finite) {
   TORCH_CHECK_VALUE(z.defined(), "z must be a tensor, got None");
   TORCH_CHECK_VALUE(x.defined(), "x must be a tensor, got None");
-  TORCH_CHECK_VALUE(z.dim() == 3 && z.size(2) == cfg.d_model, "z must be [B, T, C] with C = d_model = ",
-                    cfg.d_model, ", got shape ", z.sizes());
+  TORCH_CHECK_VALUE(z.dim() == 3 && z.size(2) == cfg.d_model,
+                    "z must be [B, T, C] with C = d_model = ", cfg.d_model, ", got shape ", z.sizes());
   TORCH_CHECK_VALUE(x.sizes() == z.sizes(), "x must have the shape of z ", z.sizes(), ", got ", x.sizes());
   TORCH_CHECK_VALUE(z.size(1) >= 1, "z must have at least one position (T >= 1), got shape ", z.sizes());
   TORCH_CHECK_VALUE(x.scalar_type() == z.scalar_type(), "x must have the dtype of z (", z.scalar_type(),

@@ -1,4 +1,4 @@
-// The equilibrium transformer block F(z; x) (DESIGN.md §4), computed with ATen ops from parameter
+// The equilibrium transformer block F(z; x) (docs/design.md §4), computed with ATen ops from parameter
 // tensors passed in, so that autograd records it when it is called from Python and the engine can
 // differentiate it (first and second order) through eqprop::AutogradField.
 //
@@ -21,7 +21,6 @@
 #include <string>
 #include <vector>
 
-
 namespace eqprop::block {
 
 enum class Coupling { kCoupled, kSequential };
@@ -40,11 +39,11 @@ struct BlockConfig {
   Attention attention = Attention::kSoftmax;
   Ffn ffn = Ffn::kMlp;
   bool qk_norm = true;
-  bool bias = false;        // biases of every linear map and of the LayerNorms (nanoGPT convention)
-  bool rope = false;        // rotate q and k by their positions 0..T-1 inside attention
+  bool bias = false;  // biases of every linear map and of the LayerNorms (nanoGPT convention)
+  bool rope = false;  // rotate q and k by their positions 0..T-1 inside attention
   double rope_base = 10000.0;
   std::optional<double> spectral_rho;  // cap on ‖W‖₂ of the attention / FFN weights; none if unset
-  double monotone_m = 0.1;  // monotonicity margin m of the monotone FFN: I − W̃ ⪰ m I
+  double monotone_m = 0.1;             // monotonicity margin m of the monotone FFN: I − W̃ ⪰ m I
   double ln_eps = 1e-5;
   double qk_eps = 1e-6;
   AttnKernel attn_kernel = AttnKernel::kAuto;
@@ -56,8 +55,8 @@ struct BlockConfig {
 // returns the config; string options are parsed here so the Python side has one source of truth.
 BlockConfig make_config(int64_t d_model, int64_t n_heads, int64_t d_ff, const std::string& coupling,
                         const std::string& attention, const std::string& ffn, bool qk_norm, bool bias,
-                        bool rope, double rope_base, std::optional<double> spectral_rho,
-                        double monotone_m, double ln_eps, double qk_eps, const std::string& attn_kernel);
+                        bool rope, double rope_base, std::optional<double> spectral_rho, double monotone_m,
+                        double ln_eps, double qk_eps, const std::string& attn_kernel);
 std::string to_string(Coupling c);
 std::string to_string(Attention a);
 std::string to_string(Ffn f);
@@ -85,7 +84,7 @@ enum Needs : unsigned {
 };
 // Shape in terms of C = d_model, d = head_dim, H = n_heads, D = d_ff.
 enum class ParamShape { kC, kCxC, kHeadDim, kHeads, kDxC, kCxD, kD };
-// The initial value (DESIGN.md §4): one; zero; N(0, 1/fan_in); N(0, 1/fan_in) times resinit (the
+// The initial value (docs/design.md §4): one; zero; N(0, 1/fan_in); N(0, 1/fan_in) times resinit (the
 // output projections); the constant resinit (the energy gain); N(0, 1/C²) (monotone A, B).
 enum class ParamInit { kOne, kZero, kFanIn, kFanInResinit, kResinit, kMonotone };
 
@@ -93,8 +92,8 @@ struct ParamInfo {
   const char* name;
   unsigned needs;
   ParamShape shape;
-  bool spectral;             // normalized when spectral_rho is set
-  at::Tensor Weights::*weight;  // its effective weight in Weights (nullptr: enters through W̃ only)
+  bool spectral;                 // normalized when spectral_rho is set
+  at::Tensor Weights::* weight;  // its effective weight in Weights (nullptr: enters through W̃ only)
   ParamInit init;
 };
 const std::vector<ParamInfo>& param_table();
@@ -120,16 +119,16 @@ void check_params(const BlockConfig& cfg, const std::vector<at::Tensor>& params,
 struct Weights {
   at::Tensor ln1_w, ln1_b, ln2_w, ln2_b;
   at::Tensor wq, wk, wv, wo, bq, bk, bv, bo, q_norm, k_norm, energy_gain;
-  at::Tensor w1, b1, w2, b2;    // mlp
-  at::Tensor w_mono, b_mono;    // monotone: W̃ and its bias
-  at::Tensor wqkv, bqkv;        // optional [3C, C] / [3C] concatenation of q, k, v (one GEMM); set
-                                // by fuse_qkv() for the cached weights of the relaxation loop
+  at::Tensor w1, b1, w2, b2;  // mlp
+  at::Tensor w_mono, b_mono;  // monotone: W̃ and its bias
+  at::Tensor wqkv, bqkv;      // optional [3C, C] / [3C] concatenation of q, k, v (one GEMM); set
+                              // by fuse_qkv() for the cached weights of the relaxation loop
   void fuse_qkv();
   Weights to(at::ScalarType dtype) const;  // promote all (e.g. to complex)
   std::vector<std::pair<std::string, at::Tensor>> named() const;
 };
 
-// Effective weights from raw parameters, on the autograd graph (DESIGN.md §4):
+// Effective weights from raw parameters, on the autograd graph (docs/design.md §4):
 //   spectral: W_eff = W / max(1, σ/ρ),  σ = ‖Wᵀu‖₂ (= ‖W‖₂ when u is the top left singular vector)
 //   monotone: W = (1−m)I − AᵀA + B − Bᵀ,  W̃ = c·W,  c = min(1, cap / β(A, B)),
 //             β = max(1−m, ‖A‖_F² − (1−m)) + ‖B − Bᵀ‖_F  ≥ ‖W‖₂,   cap = min(1−m, ρ)

@@ -11,8 +11,8 @@ BlockField::BlockField(BlockConfig cfg, std::vector<at::Tensor> params, std::vec
     : cfg_(std::move(cfg)), params_(std::move(params)), sn_u_(std::move(sn_u)), x_(std::move(x)) {
   check_params(cfg_, params_, sn_u_);
   TORCH_CHECK_VALUE(x_.defined(), "x must be a tensor, got None");
-  TORCH_CHECK_VALUE(x_.dim() == 3 && x_.size(2) == cfg_.d_model, "x must be [B, T, C] with C = d_model = ",
-                    cfg_.d_model, ", got shape ", x_.sizes());
+  TORCH_CHECK_VALUE(x_.dim() == 3 && x_.size(2) == cfg_.d_model,
+                    "x must be [B, T, C] with C = d_model = ", cfg_.d_model, ", got shape ", x_.sizes());
   check_inputs(cfg_, params_, x_, x_, /*check_x_finite=*/true);
 }
 

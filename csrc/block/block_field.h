@@ -1,4 +1,4 @@
-// The equilibrium block F(·; x) as a native vector field for the engine (DESIGN.md §4, §5): x bound,
+// The equilibrium block F(·; x) as a native vector field for the engine (docs/design.md §4, §5): x bound,
 // products from autograd (AutogradField), and a cache of the effective weights for the loop.
 #pragma once
 #include <ATen/core/Tensor.h>

@@ -1,4 +1,4 @@
-// Markov-k sampler and exact Bayes NLL on the GPU (DESIGN.md §8). One thread per (sequence, row)
+// Markov-k sampler and exact Bayes NLL on the GPU (docs/design.md §8). One thread per (sequence, row)
 // for the Dirichlet tables; one thread per sequence for the sequential parts (token draws, counts),
 // whose per-step state is a handful of integers. The CPU twins are in csrc/markov/markov.cpp and
 // draw the same random streams (csrc/markov/sampling.h).
@@ -51,8 +51,8 @@ constexpr int kSharedThreads = 32;
 constexpr int64_t kSharedCountBytes = 1536;
 
 template <typename T>
-__global__ void bayes_nll_kernel(T* nll, const int64_t* tokens, int32_t* counts, int64_t batch,
-                                 int64_t L, int64_t k, int64_t n_ctx, int64_t V, double alpha) {
+__global__ void bayes_nll_kernel(T* nll, const int64_t* tokens, int32_t* counts, int64_t batch, int64_t L,
+                                 int64_t k, int64_t n_ctx, int64_t V, double alpha) {
   extern __shared__ int32_t shared_counts[];
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= batch) return;
@@ -80,9 +80,8 @@ __global__ void bayes_nll_kernel(T* nll, const int64_t* tokens, int32_t* counts,
 }
 
 template <typename T>
-cudaError_t launch_bayes_nll(T* nll, const int64_t* tokens, int32_t* counts, int64_t batch,
-                             int64_t seq_len, int64_t k, int64_t n_ctx, int64_t V, double alpha,
-                             cudaStream_t stream) {
+cudaError_t launch_bayes_nll(T* nll, const int64_t* tokens, int32_t* counts, int64_t batch, int64_t seq_len,
+                             int64_t k, int64_t n_ctx, int64_t V, double alpha, cudaStream_t stream) {
   const int64_t per_seq_bytes = n_ctx * (V + 1) * static_cast<int64_t>(sizeof(int32_t));
   if (per_seq_bytes <= kSharedCountBytes) {
     const unsigned blocks = static_cast<unsigned>((batch + kSharedThreads - 1) / kSharedThreads);
@@ -90,8 +89,8 @@ cudaError_t launch_bayes_nll(T* nll, const int64_t* tokens, int32_t* counts, int
         nll, tokens, nullptr, batch, seq_len, k, n_ctx, V, alpha);
   } else {
     const unsigned blocks = static_cast<unsigned>((batch + kThreads - 1) / kThreads);
-    bayes_nll_kernel<T><<<blocks, kThreads, 0, stream>>>(nll, tokens, counts, batch, seq_len, k,
-                                                          n_ctx, V, alpha);
+    bayes_nll_kernel<T>
+        <<<blocks, kThreads, 0, stream>>>(nll, tokens, counts, batch, seq_len, k, n_ctx, V, alpha);
   }
   return cudaGetLastError();
 }
@@ -100,26 +99,25 @@ inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThrea
 
 }  // namespace
 
-cudaError_t markov_sample_tables(double* tables, int64_t batch, int64_t n_ctx, int64_t V,
-                                 double alpha, uint64_t seed, cudaStream_t stream) {
-  tables_kernel<<<blocks_for(batch * n_ctx), kThreads, 0, stream>>>(tables, batch, n_ctx, V, alpha,
-                                                                     seed);
+cudaError_t markov_sample_tables(double* tables, int64_t batch, int64_t n_ctx, int64_t V, double alpha,
+                                 uint64_t seed, cudaStream_t stream) {
+  tables_kernel<<<blocks_for(batch * n_ctx), kThreads, 0, stream>>>(tables, batch, n_ctx, V, alpha, seed);
   return cudaGetLastError();
 }
 
-cudaError_t markov_sample_tokens_f32(int64_t* tokens, const float* tables, int64_t batch,
-                                     int64_t seq_len, int64_t k, int64_t n_ctx, int64_t V,
-                                     uint64_t seed, cudaStream_t stream) {
-  tokens_kernel<float><<<blocks_for(batch), kThreads, 0, stream>>>(tokens, tables, batch, seq_len, k,
-                                                                    n_ctx, V, seed);
+cudaError_t markov_sample_tokens_f32(int64_t* tokens, const float* tables, int64_t batch, int64_t seq_len,
+                                     int64_t k, int64_t n_ctx, int64_t V, uint64_t seed,
+                                     cudaStream_t stream) {
+  tokens_kernel<float>
+      <<<blocks_for(batch), kThreads, 0, stream>>>(tokens, tables, batch, seq_len, k, n_ctx, V, seed);
   return cudaGetLastError();
 }
 
-cudaError_t markov_sample_tokens_f64(int64_t* tokens, const double* tables, int64_t batch,
-                                     int64_t seq_len, int64_t k, int64_t n_ctx, int64_t V,
-                                     uint64_t seed, cudaStream_t stream) {
-  tokens_kernel<double><<<blocks_for(batch), kThreads, 0, stream>>>(tokens, tables, batch, seq_len,
-                                                                     k, n_ctx, V, seed);
+cudaError_t markov_sample_tokens_f64(int64_t* tokens, const double* tables, int64_t batch, int64_t seq_len,
+                                     int64_t k, int64_t n_ctx, int64_t V, uint64_t seed,
+                                     cudaStream_t stream) {
+  tokens_kernel<double>
+      <<<blocks_for(batch), kThreads, 0, stream>>>(tokens, tables, batch, seq_len, k, n_ctx, V, seed);
   return cudaGetLastError();
 }
 

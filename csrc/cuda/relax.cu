@@ -39,20 +39,30 @@ int sm_count() {
 template <typename T>
 struct Acc;  // arithmetic type per storage type
 template <>
-struct Acc<float> { using type = float; };
+struct Acc<float> {
+  using type = float;
+};
 template <>
-struct Acc<double> { using type = double; };
+struct Acc<double> {
+  using type = double;
+};
 template <>
-struct Acc<__nv_bfloat16> { using type = float; };
+struct Acc<__nv_bfloat16> {
+  using type = float;
+};
 
 template <typename T>
-__device__ __forceinline__ typename Acc<T>::type load(const T* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ typename Acc<T>::type load(const T* p, int64_t i) {
+  return p[i];
+}
 template <>
 __device__ __forceinline__ float load<__nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
   return __bfloat162float(p[i]);
 }
 template <typename T>
-__device__ __forceinline__ void store(T* p, int64_t i, typename Acc<T>::type v) { p[i] = v; }
+__device__ __forceinline__ void store(T* p, int64_t i, typename Acc<T>::type v) {
+  p[i] = v;
+}
 template <>
 __device__ __forceinline__ void store<__nv_bfloat16>(__nv_bfloat16* p, int64_t i, float v) {
   p[i] = __float2bfloat16(v);
@@ -126,15 +136,16 @@ cudaError_t relax_damped_step_f32(float* z_new, float* res_sq, float* f_sq, cons
 }
 
 cudaError_t relax_damped_step_f64(double* z_new, double* res_sq, double* f_sq, const double* z,
-                                  const double* fz, int64_t batch, int64_t n, double eps, cudaStream_t stream) {
+                                  const double* fz, int64_t batch, int64_t n, double eps,
+                                  cudaStream_t stream) {
   return launch<double, double>(z_new, res_sq, f_sq, z, fz, batch, n, eps, stream);
 }
 
 cudaError_t relax_damped_step_bf16(void* z_new, float* res_sq, float* f_sq, const void* z, const void* fz,
                                    int64_t batch, int64_t n, double eps, cudaStream_t stream) {
   return launch<__nv_bfloat16, float>(static_cast<__nv_bfloat16*>(z_new), res_sq, f_sq,
-                                      static_cast<const __nv_bfloat16*>(z), static_cast<const __nv_bfloat16*>(fz),
-                                      batch, n, eps, stream);
+                                      static_cast<const __nv_bfloat16*>(z),
+                                      static_cast<const __nv_bfloat16*>(fz), batch, n, eps, stream);
 }
 
 }  // namespace eqprop::cuda

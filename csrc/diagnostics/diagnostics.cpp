@@ -1,4 +1,4 @@
-// Jacobian diagnostics and contraction penalties (see diagnostics.h; DESIGN.md §6, §7).
+// Jacobian diagnostics and contraction penalties (see diagnostics.h; docs/design.md §6, §7).
 #include "diagnostics/diagnostics.h"
 
 #include <ATen/ATen.h>
@@ -26,14 +26,13 @@ void check_point(VectorField& f, const at::Tensor& z) {
                     "z must be [B, ...] with B >= 1 and no empty dimension, got shape ", z.sizes());
 }
 
-void check_count(const char* name, int64_t n) {
-  TORCH_CHECK_VALUE(n >= 1, name, " must be >= 1, got ", n);
-}
+void check_count(const char* name, int64_t n) { TORCH_CHECK_VALUE(n >= 1, name, " must be >= 1, got ", n); }
 
 // Probes with E[v vᵀ] = I, drawn on the CPU (reproducible across devices), then moved to z.
 class Probes {
  public:
-  Probes(const at::Tensor& z, uint64_t seed, const std::string& dist) : z_(z), gen_(at::make_generator<at::CPUGeneratorImpl>(seed)) {
+  Probes(const at::Tensor& z, uint64_t seed, const std::string& dist)
+      : z_(z), gen_(at::make_generator<at::CPUGeneratorImpl>(seed)) {
     TORCH_CHECK_VALUE(dist == "rademacher" || dist == "gaussian",
                       "probe distribution must be 'rademacher' or 'gaussian', got '", dist, "'");
     rademacher_ = dist == "rademacher";
@@ -41,7 +40,8 @@ class Probes {
   at::Tensor next() {
     const auto real = c10::toRealValueType(z_.scalar_type());
     const auto cpu = at::TensorOptions().dtype(real == at::kDouble ? at::kDouble : at::kFloat);
-    at::Tensor v = rademacher_ ? at::randint(2, z_.sizes(), gen_, cpu) * 2 - 1 : at::randn(z_.sizes(), gen_, cpu);
+    at::Tensor v =
+        rademacher_ ? at::randint(2, z_.sizes(), gen_, cpu) * 2 - 1 : at::randn(z_.sizes(), gen_, cpu);
     return v.to(z_.options());
   }
 
@@ -144,7 +144,7 @@ std::pair<at::Tensor, at::Tensor> spectral_norm(VectorField& f, const at::Tensor
 }
 
 ProbeEstimate frobenius_sq(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
-                      const std::string& dist) {
+                           const std::string& dist) {
   check_point(f, z);
   check_count("probes", probes);
   auto lin = f.linearize(z.detach());
@@ -178,20 +178,21 @@ Moments probe_pairs(VectorField& f, const at::Tensor& z, int64_t probes, uint64_
 }
 
 ProbeEstimate nonnormality(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
-                      const std::string& dist) {
+                           const std::string& dist) {
   const Moments m = probe_pairs(f, z, probes, seed, dist, [](const at::Tensor& jv, const at::Tensor& jtv) {
     return std::pair<double, double>{sum_sq(jv - jtv), sum_sq(jv)};
   });
   const double q = m.mean_a / std::max(m.mean_b, kTiny), r = std::sqrt(q);
   // Delta method for the ratio of means q = ā/b̄, then d√q = dq / (2√q).
   const double var_q = (m.var_a / (m.mean_b * m.mean_b) - 2 * m.mean_a * m.cov / std::pow(m.mean_b, 3) +
-                        m.mean_a * m.mean_a * m.var_b / std::pow(m.mean_b, 4)) / m.n;
+                        m.mean_a * m.mean_a * m.var_b / std::pow(m.mean_b, 4)) /
+                       m.n;
   const double se = r > 0 ? std::sqrt(std::max(var_q, 0.0)) / (2 * r) : 0.0;
   return {r, se, probes};
 }
 
 ProbeEstimate symmetric_fraction(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
-                            const std::string& dist) {
+                                 const std::string& dist) {
   const Moments m = probe_pairs(f, z, probes, seed, dist, [](const at::Tensor& jv, const at::Tensor& jtv) {
     return std::pair<double, double>{0.25 * sum_sq(jv + jtv),   // ‖J_s v‖²
                                      0.25 * sum_sq(jv - jtv)};  // ‖J_a v‖²
@@ -206,8 +207,8 @@ ProbeEstimate symmetric_fraction(VectorField& f, const at::Tensor& z, int64_t pr
   return {frac, std::sqrt(std::max(var, 0.0)), probes};
 }
 
-at::Tensor jacobian_penalty(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
-                            double weight, const std::string& dist) {
+at::Tensor jacobian_penalty(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed, double weight,
+                            const std::string& dist) {
   check_point(f, z);
   check_count("probes", probes);
   Probes gen(z, seed, dist);
@@ -220,8 +221,8 @@ at::Tensor jacobian_penalty(VectorField& f, const at::Tensor& z, int64_t probes,
   return total * (weight / (static_cast<double>(probes) * static_cast<double>(z.numel())));
 }
 
-at::Tensor homeostatic_loss(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
-                            double weight, const std::string& dist) {
+at::Tensor homeostatic_loss(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed, double weight,
+                            const std::string& dist) {
   check_point(f, z);
   check_count("probes", probes);
   Probes gen(z, seed, dist);

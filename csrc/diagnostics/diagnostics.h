@@ -1,4 +1,4 @@
-// Jacobian diagnostics and the contraction penalties over the VectorField interface (DESIGN.md §6, §7).
+// Jacobian diagnostics and the contraction penalties over the VectorField interface (docs/design.md §6, §7).
 //
 // J = ∂F/∂z at z. Fields are sample-separable, so J is block diagonal over the batch: spectral
 // quantities are per sample ([B]); Frobenius-type quantities are over the whole state, normalized
@@ -21,7 +21,7 @@ struct ProbeEstimate {
   int64_t probes = 0;
 };
 
-// abs ‖F(z) − z‖ and rel ‖F(z) − z‖/‖F(z)‖ per sample, [B] each (DESIGN.md §4).
+// abs ‖F(z) − z‖ and rel ‖F(z) − z‖/‖F(z)‖ per sample, [B] each (docs/design.md §4).
 std::pair<at::Tensor, at::Tensor> residual(VectorField& f, const at::Tensor& z);
 
 // Spectral radius per sample by power iteration on JVPs: v ← Jv/‖Jv‖; ρ = exp(mean log ‖Jv_t‖)
@@ -35,25 +35,25 @@ std::pair<at::Tensor, at::Tensor> spectral_radius(VectorField& f, const at::Tens
 std::pair<at::Tensor, at::Tensor> spectral_norm(VectorField& f, const at::Tensor& z, int64_t iters,
                                                 uint64_t seed);
 
-// ‖J‖²_F / numel(z) by Hutchinson: E‖vᵀJ‖² over probes v (DESIGN.md §6).
+// ‖J‖²_F / numel(z) by Hutchinson: E‖vᵀJ‖² over probes v (docs/design.md §6).
 ProbeEstimate frobenius_sq(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
-                      const std::string& dist);
+                           const std::string& dist);
 
-// sqrt(Σ‖Jv − Jᵀv‖² / Σ‖Jv‖²) over probes → ‖J − Jᵀ‖_F / ‖J‖_F (DESIGN.md §7).
+// sqrt(Σ‖Jv − Jᵀv‖² / Σ‖Jv‖²) over probes → ‖J − Jᵀ‖_F / ‖J‖_F (docs/design.md §7).
 ProbeEstimate nonnormality(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
-                      const std::string& dist);
+                           const std::string& dist);
 
 // ‖J_s‖_F / (‖J_s‖_F + ‖J_a‖_F), J_s = ½(J + Jᵀ), J_a = ½(J − Jᵀ), norms by Hutchinson.
 ProbeEstimate symmetric_fraction(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
-                            const std::string& dist);
+                                 const std::string& dist);
 
 // jr · mean over probes of ‖vᵀJ‖² / numel(z), on the autograd graph (differentiable in θ).
-at::Tensor jacobian_penalty(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
-                            double weight, const std::string& dist);
+at::Tensor jacobian_penalty(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed, double weight,
+                            const std::string& dist);
 
 // λ · mean over probes of (‖Jε‖² − (Jᵀε)·(Jε)) / numel(z): an unbiased estimate of
-// λ · ½‖J − Jᵀ‖²_F / numel(z) (Laborieux & Zenke 2024; DESIGN.md §6), differentiable in θ.
-at::Tensor homeostatic_loss(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed,
-                            double weight, const std::string& dist);
+// λ · ½‖J − Jᵀ‖²_F / numel(z) (Laborieux & Zenke 2024; docs/design.md §6), differentiable in θ.
+at::Tensor homeostatic_loss(VectorField& f, const at::Tensor& z, int64_t probes, uint64_t seed, double weight,
+                            const std::string& dist);
 
 }  // namespace eqprop::diagnostics

@@ -40,9 +40,12 @@ Correction parse_correction(const std::string& s) {
 
 std::string to_string(Correction c) {
   switch (c) {
-    case Correction::none: return "none";
-    case Correction::frozen: return "frozen";
-    case Correction::tracking: return "tracking";
+    case Correction::none:
+      return "none";
+    case Correction::frozen:
+      return "frozen";
+    case Correction::tracking:
+      return "tracking";
   }
   return "none";
 }
@@ -55,9 +58,10 @@ bool EPPoints::is_complex() const {
 
 EPPoints ep_points(int64_t n_points, double radius, bool conjugate_shortcut) {
   TORCH_CHECK_VALUE(n_points >= 1, "n_points must be >= 1, got ", n_points);
-  TORCH_CHECK_VALUE(std::isfinite(radius) && radius > 0.0,
-                    "beta must be a finite number > 0 (the nudging strength, the radius r for n_points >= 3), got ",
-                    radius);
+  TORCH_CHECK_VALUE(
+      std::isfinite(radius) && radius > 0.0,
+      "beta must be a finite number > 0 (the nudging strength, the radius r for n_points >= 3), got ",
+      radius);
   EPPoints p;
   p.n_points = n_points;
   p.radius = radius;
@@ -66,10 +70,14 @@ EPPoints ep_points(int64_t n_points, double radius, bool conjugate_shortcut) {
   for (int64_t k = 0; k <= last; ++k) {
     // Points on the axes exactly (k/N ∈ {0, ¼, ½, ¾}): a real β must give a real-valued state.
     c10::complex<double> b;
-    if (k == 0) b = {radius, 0.0};
-    else if (2 * k == n_points) b = {-radius, 0.0};
-    else if (4 * k == n_points) b = {0.0, radius};
-    else if (4 * k == 3 * n_points) b = {0.0, -radius};
+    if (k == 0)
+      b = {radius, 0.0};
+    else if (2 * k == n_points)
+      b = {-radius, 0.0};
+    else if (4 * k == n_points)
+      b = {0.0, radius};
+    else if (4 * k == 3 * n_points)
+      b = {0.0, -radius};
     else {
       const double a = 2.0 * M_PI * static_cast<double>(k) / static_cast<double>(n_points);
       b = {radius * std::cos(a), radius * std::sin(a)};
@@ -85,26 +93,31 @@ EPPoints ep_points(int64_t n_points, double radius, bool conjugate_shortcut) {
 CrossEntropyReadout::CrossEntropyReadout(Tensor ln_weight_, Tensor ln_bias_, Tensor head_weight_,
                                          Tensor head_bias_, Tensor targets_, int64_t ignore_index_,
                                          double ln_eps_)
-    : ln_weight(std::move(ln_weight_)), ln_bias(std::move(ln_bias_)), head_weight(std::move(head_weight_)),
-      head_bias(std::move(head_bias_)), targets(std::move(targets_)), ignore_index(ignore_index_),
+    : ln_weight(std::move(ln_weight_)),
+      ln_bias(std::move(ln_bias_)),
+      head_weight(std::move(head_weight_)),
+      head_bias(std::move(head_bias_)),
+      targets(std::move(targets_)),
+      ignore_index(ignore_index_),
       ln_eps(ln_eps_) {
-  TORCH_CHECK_VALUE(head_weight.defined() && head_weight.dim() == 2,
-                    "head_weight must be [V, C], got ", head_weight.defined() ? c10::str(head_weight.sizes()) : "None");
+  TORCH_CHECK_VALUE(head_weight.defined() && head_weight.dim() == 2, "head_weight must be [V, C], got ",
+                    head_weight.defined() ? c10::str(head_weight.sizes()) : "None");
   const int64_t V = head_weight.size(0), C = head_weight.size(1);
-  TORCH_CHECK_VALUE(is_real_float(head_weight.scalar_type()), "head_weight must be a real floating tensor, got ",
-                    head_weight.scalar_type());
+  TORCH_CHECK_VALUE(is_real_float(head_weight.scalar_type()),
+                    "head_weight must be a real floating tensor, got ", head_weight.scalar_type());
   const auto check_vec = [&](const Tensor& t, const char* name, int64_t n, bool optional) {
     if (optional && !t.defined()) return;
     TORCH_CHECK_VALUE(t.defined() && t.dim() == 1 && t.size(0) == n, name, " must be [", n, "], got ",
                       t.defined() ? c10::str(t.sizes()) : "None");
-    TORCH_CHECK_VALUE(t.scalar_type() == head_weight.scalar_type() && t.device() == head_weight.device(), name,
-                      " must have head_weight's dtype and device (", head_weight.scalar_type(), ", ",
+    TORCH_CHECK_VALUE(t.scalar_type() == head_weight.scalar_type() && t.device() == head_weight.device(),
+                      name, " must have head_weight's dtype and device (", head_weight.scalar_type(), ", ",
                       head_weight.device(), "), got ", t.scalar_type(), ", ", t.device());
   };
   check_vec(ln_weight, "ln_weight", C, false);
   check_vec(ln_bias, "ln_bias", C, true);
   check_vec(head_bias, "head_bias", V, true);
-  TORCH_CHECK_VALUE(std::isfinite(ln_eps) && ln_eps > 0.0, "ln_eps must be a finite number > 0, got ", ln_eps);
+  TORCH_CHECK_VALUE(std::isfinite(ln_eps) && ln_eps > 0.0, "ln_eps must be a finite number > 0, got ",
+                    ln_eps);
   TORCH_CHECK_VALUE(targets.defined() && targets.dim() == 2 && targets.scalar_type() == at::kLong,
                     "targets must be an int64 tensor [B, T], got ",
                     targets.defined() ? c10::str(targets.scalar_type(), " ", targets.sizes()) : "None");
@@ -115,21 +128,22 @@ CrossEntropyReadout::CrossEntropyReadout(Tensor ln_weight_, Tensor ln_bias_, Ten
   TORCH_CHECK_VALUE(valid.logical_not().logical_or(in_range).all().item<bool>(),
                     "targets must lie in [0, V=", V, ") or equal ignore_index=", ignore_index);
   n_targets_ = valid.sum().item<int64_t>();
-  TORCH_CHECK_VALUE(n_targets_ >= 1, "targets must hold at least one position with a target (all equal ignore_index=",
-                    ignore_index, ")");
+  TORCH_CHECK_VALUE(
+      n_targets_ >= 1,
+      "targets must hold at least one position with a target (all equal ignore_index=", ignore_index, ")");
 }
 
 void CrossEntropyReadout::check_state(const Tensor& z) const {
   const int64_t B = targets.size(0), T = targets.size(1), C = head_weight.size(1);
-  TORCH_CHECK_VALUE(z.defined() && z.dim() == 3 && z.size(1) == T && z.size(2) == C && z.size(0) % B == 0 &&
-                        z.size(0) > 0,
-                    "z must be [P·B, T, C] with B=", B, ", T=", T, ", C=", C, " (the targets' and head's shapes), got ",
-                    z.defined() ? c10::str(z.sizes()) : "None");
+  TORCH_CHECK_VALUE(
+      z.defined() && z.dim() == 3 && z.size(1) == T && z.size(2) == C && z.size(0) % B == 0 && z.size(0) > 0,
+      "z must be [P·B, T, C] with B=", B, ", T=", T, ", C=", C, " (the targets' and head's shapes), got ",
+      z.defined() ? c10::str(z.sizes()) : "None");
   const auto real = z.is_complex() ? c10::toRealValueType(z.scalar_type()) : z.scalar_type();
-  TORCH_CHECK_VALUE(real == head_weight.scalar_type(), "z must have the readout's dtype ", head_weight.scalar_type(),
-                    " (or its complex type), got ", z.scalar_type());
-  TORCH_CHECK_VALUE(z.device() == head_weight.device(), "z must be on the readout's device (", head_weight.device(),
-                    "), got ", z.device());
+  TORCH_CHECK_VALUE(real == head_weight.scalar_type(), "z must have the readout's dtype ",
+                    head_weight.scalar_type(), " (or its complex type), got ", z.scalar_type());
+  TORCH_CHECK_VALUE(z.device() == head_weight.device(), "z must be on the readout's device (",
+                    head_weight.device(), "), got ", z.device());
 }
 
 Tensor CrossEntropyReadout::logits(const Tensor& z, Tensor* xhat, Tensor* r) const {
@@ -156,7 +170,7 @@ Tensor CrossEntropyReadout::loss(const Tensor& z) const {
   at::NoGradGuard no_grad;
   const int64_t P = z.size(0) / targets.size(0);
   Tensor xhat, r;
-  const Tensor l = logits(z, &xhat, &r);                                   // [N, T, V]
+  const Tensor l = logits(z, &xhat, &r);  // [N, T, V]
   const Tensor m = at::real(l).amax(-1, true);
   const Tensor lse = (at::log(at::exp(l - m).sum(-1, true)) + m).squeeze(-1);  // [N, T]
   const Tensor y = targets.repeat({P, 1});
@@ -200,15 +214,21 @@ class PointStackedLinearization : public Linearization {
     for (auto& l : lins_) out.push_back(l->value());
     return at::cat(out);
   }
-  Tensor vjp(const Tensor& v) override { return per_block(v, [](Linearization& l, const Tensor& vk) { return l.vjp(vk); }); }
-  Tensor jvp(const Tensor& v) override { return per_block(v, [](Linearization& l, const Tensor& vk) { return l.jvp(vk); }); }
+  Tensor vjp(const Tensor& v) override {
+    return per_block(v, [](Linearization& l, const Tensor& vk) { return l.vjp(vk); });
+  }
+  Tensor jvp(const Tensor& v) override {
+    return per_block(v, [](Linearization& l, const Tensor& vk) { return l.jvp(vk); });
+  }
   std::vector<Tensor> param_vjp(const Tensor& v) override {
     std::vector<Tensor> total;
     const auto vs = v.split(batch_);
     for (size_t k = 0; k < lins_.size(); ++k) {
       auto g = lins_[k]->param_vjp(vs[k]);
-      if (total.empty()) total = g;
-      else for (size_t i = 0; i < g.size(); ++i) total[i] = total[i] + g[i];
+      if (total.empty())
+        total = g;
+      else
+        for (size_t i = 0; i < g.size(); ++i) total[i] = total[i] + g[i];
     }
     return total;
   }
@@ -216,7 +236,8 @@ class PointStackedLinearization : public Linearization {
  private:
   template <typename Fn>
   Tensor per_block(const Tensor& v, Fn fn) {
-    TORCH_CHECK_VALUE(v.sizes() == z_.sizes(), "v must have the shape of z ", z_.sizes(), ", got ", v.sizes());
+    TORCH_CHECK_VALUE(v.sizes() == z_.sizes(), "v must have the shape of z ", z_.sizes(), ", got ",
+                      v.sizes());
     std::vector<Tensor> out;
     const auto vs = v.split(batch_);
     for (size_t k = 0; k < lins_.size(); ++k) out.push_back(fn(*lins_[k], vs[k]));
@@ -238,8 +259,12 @@ class PointStackedField : public VectorField {
     for (const Tensor& zk : z.split(batch_)) out.push_back(base_->eval(zk));
     return at::cat(out);
   }
-  Tensor vjp(const Tensor& z, const Tensor& v) override { return PointStackedLinearization(*base_, checked(z), batch_).vjp(v); }
-  Tensor jvp(const Tensor& z, const Tensor& v) override { return PointStackedLinearization(*base_, checked(z), batch_).jvp(v); }
+  Tensor vjp(const Tensor& z, const Tensor& v) override {
+    return PointStackedLinearization(*base_, checked(z), batch_).vjp(v);
+  }
+  Tensor jvp(const Tensor& z, const Tensor& v) override {
+    return PointStackedLinearization(*base_, checked(z), batch_).jvp(v);
+  }
   std::vector<Tensor> param_vjp(const Tensor& z, const Tensor& v) override {
     return PointStackedLinearization(*base_, checked(z), batch_).param_vjp(v);
   }
@@ -251,8 +276,8 @@ class PointStackedField : public VectorField {
 
  private:
   void check(const Tensor& z) const {
-    TORCH_CHECK_VALUE(z.defined() && z.dim() >= 1 && z.size(0) == points_ * batch_, "z must have ",
-                      points_, " × ", batch_, " rows (points × samples), got shape ",
+    TORCH_CHECK_VALUE(z.defined() && z.dim() >= 1 && z.size(0) == points_ * batch_, "z must have ", points_,
+                      " × ", batch_, " rows (points × samples), got shape ",
                       z.defined() ? c10::str(z.sizes()) : "None");
   }
   const Tensor& checked(const Tensor& z) const {
@@ -265,14 +290,15 @@ class PointStackedField : public VectorField {
 
 }  // namespace
 
-std::shared_ptr<VectorField> stack_points(const std::shared_ptr<VectorField>& field, int64_t points, int64_t batch,
-                                          bool complex) {
+std::shared_ptr<VectorField> stack_points(const std::shared_ptr<VectorField>& field, int64_t points,
+                                          int64_t batch, bool complex) {
   TORCH_CHECK_VALUE(field != nullptr, "field must be an eqprop._C.VectorField, got None");
   TORCH_CHECK_VALUE(points >= 1, "points must be >= 1, got ", points);
   TORCH_CHECK_VALUE(batch >= 1, "batch must be >= 1, got ", batch);
   if (auto blk = std::dynamic_pointer_cast<block::BlockField>(field)) {
     const Tensor& x = blk->x();
-    TORCH_CHECK_VALUE(x.size(0) == batch, "batch must equal the block's bound x batch ", x.size(0), ", got ", batch);
+    TORCH_CHECK_VALUE(x.size(0) == batch, "batch must equal the block's bound x batch ", x.size(0), ", got ",
+                      batch);
     Tensor xs = x.repeat({points, 1, 1});  // [P·B, T, C], point-major
     if (complex && !xs.is_complex()) xs = xs.to(c10::toComplexType(xs.scalar_type()));
     return std::make_shared<block::BlockField>(blk->config(), blk->parameters(), blk->sn_u(), xs);
@@ -321,15 +347,17 @@ NudgeResult nudged_phase(VectorField& stacked, const Tensor& z_start, const Tens
   TORCH_CHECK_VALUE(loss_grad != nullptr, "loss_grad must be given");
   const int64_t P = pts.size();
   TORCH_CHECK_VALUE(P >= 1, "the nudging points are empty");
-  TORCH_CHECK_VALUE(z_start.defined() && z_start.dim() >= 1 && z_start.size(0) % P == 0 && z_start.numel() > 0,
-                    "z_start must be [P·B, ...] with P=", P, " points, got ",
-                    z_start.defined() ? c10::str(z_start.sizes()) : "None");
+  TORCH_CHECK_VALUE(
+      z_start.defined() && z_start.dim() >= 1 && z_start.size(0) % P == 0 && z_start.numel() > 0,
+      "z_start must be [P·B, ...] with P=", P, " points, got ",
+      z_start.defined() ? c10::str(z_start.sizes()) : "None");
   TORCH_CHECK_VALUE(beta.defined() && beta.dim() == 1 && beta.size(0) == z_start.size(0) &&
                         beta.scalar_type() == z_start.scalar_type(),
                     "beta must be [P·B] with the dtype of z_start (", z_start.scalar_type(), ")");
-  TORCH_CHECK_VALUE(opt.correction != Correction::tracking || pts.n_points >= 2,
-                    "correction='tracking' needs n_points >= 2 (the common mode of one nudged state is the state "
-                    "itself); use correction='frozen' for one-sided EP");
+  TORCH_CHECK_VALUE(
+      opt.correction != Correction::tracking || pts.n_points >= 2,
+      "correction='tracking' needs n_points >= 2 (the common mode of one nudged state is the state "
+      "itself); use correction='frozen' for one-sided EP");
   c10::NoGradGuard no_grad;
   const Tensor beta_rows = per_row(beta, z_start);
 
@@ -372,8 +400,8 @@ NudgeResult nudged_phase(VectorField& stacked, const Tensor& z_start, const Tens
   for (int64_t t = 0;; ++t) {
     const Tensor fz = stacked.eval(z) + drive(z);
     TORCH_CHECK_VALUE(fz.sizes() == z.sizes() && fz.scalar_type() == z.scalar_type(),
-                      "F(z) + d(z) must have the shape and dtype of z ", z.sizes(), " ", z.scalar_type(), ", got ",
-                      fz.sizes(), " ", fz.scalar_type());
+                      "F(z) + d(z) must have the shape and dtype of z ", z.sizes(), " ", z.scalar_type(),
+                      ", got ", fz.sizes(), " ", fz.scalar_type());
     auto [z_next, res_sq, f_sq] = solvers::damped_step(z, fz, opt.eps);
     ++out.n_evals;
     const Tensor abs_res = res_sq.sqrt().to(ropts.dtype());
@@ -386,7 +414,8 @@ NudgeResult nudged_phase(VectorField& stacked, const Tensor& z_start, const Tens
     const Tensor metric = abs_res / first_abs;
     const Tensor converged = metric <= opt.tol;
     first_conv = at::where(converged.logical_and(first_conv < 0), t, first_conv);
-    ever_diverged.logical_or_(at::isfinite(abs_res).logical_not().logical_or(abs_res > first_abs * opt.divergence));
+    ever_diverged.logical_or_(
+        at::isfinite(abs_res).logical_not().logical_or(abs_res > first_abs * opt.divergence));
     const bool at_snapshot = t == opt.t2[next];
     // Every row converged: the remaining snapshots are this state (checked every check_every steps).
     const bool done = (t % opt.check_every == 0 || at_snapshot) && converged.all().item<bool>();
@@ -405,7 +434,8 @@ NudgeResult nudged_phase(VectorField& stacked, const Tensor& z_start, const Tens
   for (size_t s = 0; s < snaps.size(); ++s) {
     const Tensor& m = snaps[s].drop;
     double worst = m.max().item<double>();
-    if (!std::isfinite(worst) || !at::isfinite(m).all().item<bool>()) worst = std::numeric_limits<double>::infinity();
+    if (!std::isfinite(worst) || !at::isfinite(m).all().item<bool>())
+      worst = std::numeric_limits<double>::infinity();
     out.snapshot_residual.push_back(worst);
     if (worst < best) {
       best = worst;
@@ -419,7 +449,8 @@ NudgeResult nudged_phase(VectorField& stacked, const Tensor& z_start, const Tens
   out.rel_residual = c.rel;
   out.drop = c.drop;
   out.steps = at::where(c.conv_step >= 0, c.conv_step, c.t);
-  out.status = at::full({n_rows}, static_cast<int8_t>(solvers::Status::max_steps), z.options().dtype(at::kChar));
+  out.status =
+      at::full({n_rows}, static_cast<int8_t>(solvers::Status::max_steps), z.options().dtype(at::kChar));
   out.status.masked_fill_(c.converged, static_cast<int8_t>(solvers::Status::converged));
   out.status.masked_fill_(c.diverged.logical_and(c.converged.logical_not()),
                           static_cast<int8_t>(solvers::Status::diverged));
@@ -436,10 +467,12 @@ NudgeResult nudged_phase(VectorField& stacked, const Tensor& z_start, const Tens
 EPResult ep_grads(VectorField& field, VectorField& stacked, const Tensor& z_star, const EPPoints& pts,
                   const LossGrad& loss_grad, const NudgeOptions& opt) {
   TORCH_CHECK_VALUE(z_star.defined() && z_star.dim() >= 1 && z_star.size(0) >= 1 && z_star.numel() > 0,
-                    "z_star must be [B, ...] with B >= 1, got ", z_star.defined() ? c10::str(z_star.sizes()) : "None");
+                    "z_star must be [B, ...] with B >= 1, got ",
+                    z_star.defined() ? c10::str(z_star.sizes()) : "None");
   TORCH_CHECK_VALUE(is_real_float(z_star.scalar_type()),
                     "EP needs a real field: z_star must be a real floating tensor (complex arithmetic is the "
-                    "holomorphic extension EP runs itself), got ", z_star.scalar_type());
+                    "holomorphic extension EP runs itself), got ",
+                    z_star.scalar_type());
   const int64_t P = pts.size(), B = z_star.size(0);
   const Tensor zr = z_star.detach();
   const auto dtype = pts.is_complex() ? c10::toComplexType(zr.scalar_type()) : zr.scalar_type();

@@ -26,8 +26,8 @@
 #include <string>
 #include <vector>
 
-#include "solvers/relax.h"
 #include "fields/vector_field.h"
+#include "solvers/relax.h"
 
 namespace eqprop::estimators {
 
@@ -37,12 +37,12 @@ std::string to_string(Correction c);
 
 // The nudging points of one estimate.
 struct EPPoints {
-  int64_t n_points = 0;                     // N
-  double radius = 0.0;                      // r = |β_k|
-  bool conjugate_shortcut = false;          // only Im β ≥ 0 relaxed; pairs weighted m_k = 2
-  std::vector<c10::complex<double>> beta;   // the relaxed points β_k, k = 0, 1, …
-  std::vector<double> weight;               // m_k
-  bool is_complex() const;                  // some relaxed β_k has Im β_k ≠ 0 (N ≥ 3)
+  int64_t n_points = 0;                    // N
+  double radius = 0.0;                     // r = |β_k|
+  bool conjugate_shortcut = false;         // only Im β ≥ 0 relaxed; pairs weighted m_k = 2
+  std::vector<c10::complex<double>> beta;  // the relaxed points β_k, k = 0, 1, …
+  std::vector<double> weight;              // m_k
+  bool is_complex() const;                 // some relaxed β_k has Im β_k ≠ 0 (N ≥ 3)
   int64_t size() const { return static_cast<int64_t>(beta.size()); }
 };
 // β_k = r e^{2πik/N}, k = 0 … N − 1 (N = 1: {r}; N = 2: {r, −r}); with the shortcut k = 0 … ⌊N/2⌋.
@@ -98,27 +98,27 @@ std::shared_ptr<VectorField> stack_points(const std::shared_ptr<VectorField>& fi
 // first one (the kick ‖F(z*) − z* + d(z*)‖, ≈ ‖β ∂ℓ/∂z*‖): the nudge is O(β), so a criterion
 // relative to ‖F(z)‖ would stop a small-β phase before it moved. The same drop ranks snapshots.
 struct NudgeOptions {
-  double eps = 1.0;                 // damping of z ← z + ε(F(z) + d(z) − z)
-  double tol = 0.0;                 // converged once residual ≤ tol × first residual; all rows: stop
-  double divergence = 1e4;          // diverged: residual non-finite or > divergence × the first
+  double eps = 1.0;         // damping of z ← z + ε(F(z) + d(z) − z)
+  double tol = 0.0;         // converged once residual ≤ tol × first residual; all rows: stop
+  double divergence = 1e4;  // diverged: residual non-finite or > divergence × the first
   bool trace = true;
-  int64_t check_every = 1;          // steps between host checks "has every row converged?"
-  std::vector<int64_t> t2;          // snapshot step counts, strictly increasing, ≥ 1
+  int64_t check_every = 1;  // steps between host checks "has every row converged?"
+  std::vector<int64_t> t2;  // snapshot step counts, strictly increasing, ≥ 1
   Correction correction = Correction::none;
 };
 
 struct NudgeResult {
-  at::Tensor z;              // [P·B, ...] the states z_{T2} of the chosen snapshot
-  int64_t chosen = 0;        // index into t2 of the chosen snapshot
-  std::vector<int64_t> t2;   // the snapshot steps (as given; a run stopped by tol reuses its last state)
+  at::Tensor z;             // [P·B, ...] the states z_{T2} of the chosen snapshot
+  int64_t chosen = 0;       // index into t2 of the chosen snapshot
+  std::vector<int64_t> t2;  // the snapshot steps (as given; a run stopped by tol reuses its last state)
   std::vector<double> snapshot_residual;  // max over rows of the residual drop ‖r_T2‖/‖r_0‖ at each T2
-  at::Tensor steps;          // [P·B] int64: steps until the sample's residual ≤ tol, else the chosen T2
-  at::Tensor abs_residual;   // [P·B] ‖F(z) + d(z) − z‖ at the chosen snapshot
-  at::Tensor rel_residual;   // [P·B] ‖F(z) + d(z) − z‖/‖F(z) + d(z)‖ at the chosen snapshot
-  at::Tensor drop;           // [P·B] ‖r_T2‖/‖r_0‖ at the chosen snapshot
-  at::Tensor status;         // [P·B] int8 (solvers::Status) at the chosen snapshot
+  at::Tensor steps;         // [P·B] int64: steps until the sample's residual ≤ tol, else the chosen T2
+  at::Tensor abs_residual;  // [P·B] ‖F(z) + d(z) − z‖ at the chosen snapshot
+  at::Tensor rel_residual;  // [P·B] ‖F(z) + d(z) − z‖/‖F(z) + d(z)‖ at the chosen snapshot
+  at::Tensor drop;          // [P·B] ‖r_T2‖/‖r_0‖ at the chosen snapshot
+  at::Tensor status;        // [P·B] int8 (solvers::Status) at the chosen snapshot
   at::Tensor trace_abs, trace_rel;  // [T, P·B] residuals of every evaluated state (empty if !trace)
-  int64_t n_evals = 0;       // batched evaluations of the stacked field
+  int64_t n_evals = 0;              // batched evaluations of the stacked field
 };
 
 // The nudged phase from z_start ([P·B, ...]: z* repeated, in the stacked field's dtype). `beta`:
@@ -128,7 +128,7 @@ NudgeResult nudged_phase(VectorField& stacked, const at::Tensor& z_start, const 
 
 struct EPResult {
   std::vector<at::Tensor> param_grads;  // (∂F/∂θ)ᵀ v per parameter, plain transpose, parameters() order
-  at::Tensor v;                          // [B, ...] the combination v above (real)
+  at::Tensor v;                         // [B, ...] the combination v above (real)
   NudgeResult nudge;
 };
 

@@ -1,4 +1,4 @@
-// The implicit (recurrent-backprop) gradient estimator over the VectorField interface (DESIGN.md §5):
+// The implicit (recurrent-backprop) gradient estimator over the VectorField interface (docs/design.md §5):
 //
 //   ∇θ L = (∂F/∂θ)ᵀ λ,   (I − Jᵀ) λ = ∂ℓ/∂z*,   λ ← Jᵀλ + ∂ℓ/∂z*   (VJPs only, at z*)
 //
@@ -10,14 +10,14 @@
 
 #include <vector>
 
-#include "solvers/relax.h"
 #include "fields/vector_field.h"
+#include "solvers/relax.h"
 
 namespace eqprop::estimators {
 
 struct ImplicitResult {
   std::vector<at::Tensor> param_grads;  // (∂F/∂θ)ᵀλ per parameter (plain transpose), parameters() order
-  solvers::AdjointResult adjoint;        // λ and the per-sample stats of its iteration
+  solvers::AdjointResult adjoint;       // λ and the per-sample stats of its iteration
 };
 
 // g = ∂ℓ/∂z* in the plain-transpose convention (conj of autograd's cotangent for complex z).

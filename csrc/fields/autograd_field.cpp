@@ -2,25 +2,23 @@
 #include "fields/autograd_field.h"
 
 #include <ATen/ATen.h>
-
-#include <algorithm>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/grad_mode.h>
+
+#include <algorithm>
 
 namespace eqprop {
 namespace detail {
 namespace {
 
-at::Tensor conj_if_complex(const at::Tensor& t) {
-  return t.is_complex() ? at::conj_physical(t) : t;
-}
+at::Tensor conj_if_complex(const at::Tensor& t) { return t.is_complex() ? at::conj_physical(t) : t; }
 
 void check_cotangent(const at::Tensor& out, const at::Tensor& v) {
   TORCH_CHECK_VALUE(v.defined(), "v (cotangent/tangent) must be a tensor, got None");
-  TORCH_CHECK_VALUE(v.sizes() == out.sizes(), "v must have the shape of F(z) ", out.sizes(),
-                    ", got ", v.sizes());
-  TORCH_CHECK_VALUE(v.device() == out.device(), "v must be on the device of F(z) (", out.device(),
-                    "), got ", v.device());
+  TORCH_CHECK_VALUE(v.sizes() == out.sizes(), "v must have the shape of F(z) ", out.sizes(), ", got ",
+                    v.sizes());
+  TORCH_CHECK_VALUE(v.device() == out.device(), "v must be on the device of F(z) (", out.device(), "), got ",
+                    v.device());
 }
 
 // z as the differentiation input: a fresh leaf unless it already carries a graph (then the
@@ -51,22 +49,23 @@ std::vector<at::Tensor> plain_vjp(const at::Tensor& out, const std::vector<at::T
   }
   if (!live.empty()) {
     const at::Tensor g = conj_if_complex(vv);
-    const bool real_into_complex = out.is_complex() && std::any_of(live_inputs.begin(), live_inputs.end(),
-                                                                   [](const at::Tensor& t) { return !t.is_complex(); });
+    const bool real_into_complex =
+        out.is_complex() && std::any_of(live_inputs.begin(), live_inputs.end(),
+                                        [](const at::Tensor& t) { return !t.is_complex(); });
     auto grads = torch::autograd::grad({out}, live_inputs, {g}, /*retain_graph=*/retain || real_into_complex,
                                        create_graph, /*allow_unused=*/true);
     std::vector<at::Tensor> imag_grads;
     if (real_into_complex) {
       // Re-part from g = conj v, Im-part from g = i·conj v (autograd keeps only Re for real inputs).
-      imag_grads = torch::autograd::grad({out}, live_inputs, {g * c10::complex<double>(0.0, 1.0)},
-                                         retain, create_graph, /*allow_unused=*/true);
+      imag_grads = torch::autograd::grad({out}, live_inputs, {g * c10::complex<double>(0.0, 1.0)}, retain,
+                                         create_graph, /*allow_unused=*/true);
     }
     for (size_t k = 0; k < live.size(); ++k) {
       const at::Tensor& in = live_inputs[k];
       at::Tensor gk = grads[k];
       if (!gk.defined()) {
-        result[live[k]] = out.is_complex() ? at::zeros_like(in, in.options().dtype(out.scalar_type()))
-                                           : at::zeros_like(in);
+        result[live[k]] =
+            out.is_complex() ? at::zeros_like(in, in.options().dtype(out.scalar_type())) : at::zeros_like(in);
         continue;
       }
       if (out.is_complex() && !in.is_complex()) {
@@ -177,8 +176,7 @@ at::Tensor AutogradField::jvp_differentiable(const at::Tensor& z, const at::Tens
   at::AutoGradMode enable(true);
   const at::Tensor zz = detail::as_input(z);
   const at::Tensor fz = eval(zz);
-  TORCH_CHECK_VALUE(v.sizes() == fz.sizes(), "v must have the shape of z ", fz.sizes(), ", got ",
-                    v.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == fz.sizes(), "v must have the shape of z ", fz.sizes(), ", got ", v.sizes());
   if (!fz.requires_grad()) return at::zeros_like(fz);
   const at::Tensor u = at::zeros_like(fz).requires_grad_(true);
   auto g = torch::autograd::grad({fz}, {zz}, {u}, /*retain_graph=*/true, /*create_graph=*/true,

@@ -1,4 +1,4 @@
-// AutogradField: a VectorField whose products come from autograd through eval() (DESIGN.md §5).
+// AutogradField: a VectorField whose products come from autograd through eval() (docs/design.md §5).
 //
 // A subclass implements eval(z) (differentiable: plain ATen ops on z, the bound x and the tensors
 // returned by parameters()) and parameters(); vjp / jvp / param_vjp / linearize and their

@@ -1,4 +1,4 @@
-// One engine, many fields (DESIGN.md §5): solvers, estimators and diagnostics are written once
+// One engine, many fields (docs/design.md §5): solvers, estimators and diagnostics are written once
 // against this interface, implemented natively by the equilibrium transformer block and by an
 // adapter for any user nn.Module f(z, x). The injection x is bound when a field is made.
 #pragma once
@@ -19,8 +19,8 @@ class VectorField;
 class Linearization {
  public:
   virtual ~Linearization() = default;
-  virtual const at::Tensor& point() const = 0;  // z
-  virtual at::Tensor value() = 0;               // F(z)
+  virtual const at::Tensor& point() const = 0;      // z
+  virtual at::Tensor value() = 0;                   // F(z)
   virtual at::Tensor vjp(const at::Tensor& v) = 0;  // Jᵀv (plain transpose)
   virtual at::Tensor jvp(const at::Tensor& v) = 0;  // Jv
   virtual std::vector<at::Tensor> param_vjp(const at::Tensor& v) = 0;
@@ -59,13 +59,15 @@ class VectorField {
   // J and Jᵀ at one z; the default forwards every product to vjp/jvp/param_vjp above.
   virtual std::shared_ptr<Linearization> linearize(const at::Tensor& z);
   // Jᵀv and Jv kept on the autograd graph (create_graph), so penalties built from them
-  // (DESIGN.md §6) are differentiable in the parameters. Fields without double backward refuse.
+  // (docs/design.md §6) are differentiable in the parameters. Fields without double backward refuse.
   virtual at::Tensor vjp_differentiable(const at::Tensor& z, const at::Tensor& v) {
-    TORCH_CHECK(false, "this vector field does not provide differentiable VJPs (vjp_differentiable); "
+    TORCH_CHECK(false,
+                "this vector field does not provide differentiable VJPs (vjp_differentiable); "
                 "use a field built on eqprop::AutogradField");
   }
   virtual at::Tensor jvp_differentiable(const at::Tensor& z, const at::Tensor& v) {
-    TORCH_CHECK(false, "this vector field does not provide differentiable JVPs (jvp_differentiable); "
+    TORCH_CHECK(false,
+                "this vector field does not provide differentiable JVPs (jvp_differentiable); "
                 "use a field built on eqprop::AutogradField");
   }
 };

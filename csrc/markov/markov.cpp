@@ -5,8 +5,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <sstream>
 #include <vector>
@@ -14,13 +14,13 @@
 #include "markov/sampling.h"
 
 #ifdef EQPROP_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include "cuda/markov.cuh"
-#define EQPROP_CUDA_CHECK(expr)                                                         \
-  do {                                                                                  \
-    const cudaError_t err_ = (expr);                                                    \
+#define EQPROP_CUDA_CHECK(expr)                                                                \
+  do {                                                                                         \
+    const cudaError_t err_ = (expr);                                                           \
     TORCH_CHECK(err_ == cudaSuccess, "CUDA error in ", #expr, ": ", cudaGetErrorString(err_)); \
   } while (0)
 #endif
@@ -50,8 +50,8 @@ int64_t num_contexts(int64_t k, int64_t vocab_size) {
   int64_t n = 1;
   for (int64_t i = 0; i < k; ++i) {
     TORCH_CHECK_VALUE(n <= kMaxCountEntries / vocab_size / (vocab_size + 1),
-                      "vocab_size^k is too large for the count tables: vocab_size=", vocab_size,
-                      ", k=", k, " gives more than ", kMaxCountEntries,
+                      "vocab_size^k is too large for the count tables: vocab_size=", vocab_size, ", k=", k,
+                      " gives more than ", kMaxCountEntries,
                       " count entries per sequence; reduce k or vocab_size");
     n *= vocab_size;
   }
@@ -65,8 +65,8 @@ at::Tensor checked_tokens(const at::Tensor& tokens, int64_t k, int64_t vocab_siz
   TORCH_CHECK_VALUE(tokens.scalar_type() == at::kLong, "tokens must be int64 (torch.long), got ",
                     tokens.scalar_type());
   TORCH_CHECK_VALUE(tokens.dim() == 2, "tokens must be [B, L], got shape ", tokens.sizes());
-  TORCH_CHECK_VALUE(tokens.size(1) > k, "tokens must be longer than k: need L > k, got L=",
-                    tokens.size(1), ", k=", k);
+  TORCH_CHECK_VALUE(tokens.size(1) > k, "tokens must be longer than k: need L > k, got L=", tokens.size(1),
+                    ", k=", k);
   TORCH_CHECK_VALUE(tokens.device().is_cpu() || tokens.device().is_cuda(),
                     "tokens must be on a CPU or CUDA device, got ", tokens.device());
   if (tokens.numel() > 0) {
@@ -124,8 +124,11 @@ void check_probability_rows(const at::Tensor& tables) {
   const double eps = std::numeric_limits<float>::epsilon();
   const double tol = 8.0 * static_cast<double>(V) * eps;
   const at::Tensor sums = tables.sum(-1, /*keepdim=*/false, at::kDouble);  // [B, V^k]
-  const at::Tensor bad = tables.isfinite().logical_not().logical_or_(tables.lt(0)).any(-1).logical_or_(
-      sums.sub(1.0).abs_().gt(tol));
+  const at::Tensor bad = tables.isfinite()
+                             .logical_not()
+                             .logical_or_(tables.lt(0))
+                             .any(-1)
+                             .logical_or_(sums.sub(1.0).abs_().gt(tol));
   const int64_t n_bad = bad.sum().item<int64_t>();
   if (n_bad == 0) return;
   const int64_t i = bad.reshape(-1).nonzero()[0][0].item<int64_t>();
@@ -136,16 +139,16 @@ void check_probability_rows(const at::Tensor& tables) {
   for (int64_t a = 0; a < std::min<int64_t>(V, 8); ++a) values << (a ? ", " : "") << p[a];
   if (V > 8) values << ", ...";
   TORCH_CHECK_VALUE(false, "tables must hold a probability vector in every row (entries finite and >= 0, ",
-                    "summing to 1 within ", tol, " = 8·V·eps(float32)), but ", n_bad, " of ",
-                    sums.numel(), " rows are not; the first is tables[", b, ", ", c, "] = [",
-                    values.str(), "] with sum ", sums[b][c].item<double>());
+                    "summing to 1 within ", tol, " = 8·V·eps(float32)), but ", n_bad, " of ", sums.numel(),
+                    " rows are not; the first is tables[", b, ", ", c, "] = [", values.str(), "] with sum ",
+                    sums[b][c].item<double>());
 }
 
 // ---- CPU kernels ------------------------------------------------------------------------------
 
 template <typename T>
-void sample_tokens_cpu(int64_t* tokens, const T* tables, int64_t batch, int64_t L, int64_t k,
-                       int64_t n_ctx, int64_t V, uint64_t seed) {
+void sample_tokens_cpu(int64_t* tokens, const T* tables, int64_t batch, int64_t L, int64_t k, int64_t n_ctx,
+                       int64_t V, uint64_t seed) {
   const int64_t top = n_ctx / V;  // V^(k−1): weight of the oldest symbol in the context index
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -229,9 +232,9 @@ void visits_cpu(int64_t* visits, const int64_t* ctx, int64_t B, int64_t n, int64
 
 // ---- ops ----------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> sample(int64_t batch, int64_t k, int64_t seq_len,
-                                          int64_t vocab_size, double alpha, int64_t seed,
-                                          at::Device device, at::ScalarType table_dtype) {
+std::tuple<at::Tensor, at::Tensor> sample(int64_t batch, int64_t k, int64_t seq_len, int64_t vocab_size,
+                                          double alpha, int64_t seed, at::Device device,
+                                          at::ScalarType table_dtype) {
   TORCH_CHECK_VALUE(batch >= 0, "batch must be >= 0, got ", batch);
   const int64_t n_ctx = num_contexts(k, vocab_size);
   check_alpha(alpha);
@@ -268,20 +271,20 @@ std::tuple<at::Tensor, at::Tensor> sample(int64_t batch, int64_t k, int64_t seq_
   at::Tensor tables = tables64.to(table_dtype).contiguous();
   AT_DISPATCH_FLOATING_TYPES(tables.scalar_type(), "markov_sample", [&] {
     if (device.is_cpu()) {
-      sample_tokens_cpu<scalar_t>(tokens.data_ptr<int64_t>(), tables.data_ptr<scalar_t>(), batch,
-                                  seq_len, k, n_ctx, vocab_size, useed);
+      sample_tokens_cpu<scalar_t>(tokens.data_ptr<int64_t>(), tables.data_ptr<scalar_t>(), batch, seq_len, k,
+                                  n_ctx, vocab_size, useed);
     } else {
 #ifdef EQPROP_WITH_CUDA
       c10::cuda::CUDAGuard guard(device);
       auto stream = c10::cuda::getCurrentCUDAStream();
       if constexpr (std::is_same_v<scalar_t, float>) {
-        EQPROP_CUDA_CHECK(eqprop::cuda::markov_sample_tokens_f32(
-            tokens.data_ptr<int64_t>(), tables.data_ptr<float>(), batch, seq_len, k, n_ctx,
-            vocab_size, useed, stream));
+        EQPROP_CUDA_CHECK(eqprop::cuda::markov_sample_tokens_f32(tokens.data_ptr<int64_t>(),
+                                                                 tables.data_ptr<float>(), batch, seq_len, k,
+                                                                 n_ctx, vocab_size, useed, stream));
       } else {
-        EQPROP_CUDA_CHECK(eqprop::cuda::markov_sample_tokens_f64(
-            tokens.data_ptr<int64_t>(), tables.data_ptr<double>(), batch, seq_len, k, n_ctx,
-            vocab_size, useed, stream));
+        EQPROP_CUDA_CHECK(eqprop::cuda::markov_sample_tokens_f64(tokens.data_ptr<int64_t>(),
+                                                                 tables.data_ptr<double>(), batch, seq_len, k,
+                                                                 n_ctx, vocab_size, useed, stream));
       }
 #endif
     }
@@ -312,18 +315,19 @@ at::Tensor bayes_nll(const at::Tensor& tokens_in, int64_t k, int64_t vocab_size,
   // Sequences run in chunks so that a global count workspace (when counts do not fit in shared
   // memory) stays bounded.
   const int64_t per_seq = eqprop::cuda::markov_bayes_nll_workspace(n_ctx, vocab_size);
-  const int64_t chunk = per_seq == 0 ? B : std::max<int64_t>(1, std::min<int64_t>(B, kMaxCountEntries / per_seq));
+  const int64_t chunk =
+      per_seq == 0 ? B : std::max<int64_t>(1, std::min<int64_t>(B, kMaxCountEntries / per_seq));
   at::Tensor counts = at::empty({chunk * per_seq}, tokens.options().dtype(at::kInt));
   int32_t* workspace = per_seq == 0 ? nullptr : counts.data_ptr<int32_t>();
   for (int64_t b0 = 0; b0 < B; b0 += chunk) {
     const int64_t nb = std::min(chunk, B - b0);
     const int64_t* x = tokens.data_ptr<int64_t>() + b0 * L;
     if (dtype == at::kFloat) {
-      EQPROP_CUDA_CHECK(eqprop::cuda::markov_bayes_nll_f32(nll.data_ptr<float>() + b0 * L, x, workspace,
-                                                           nb, L, k, n_ctx, vocab_size, alpha, stream));
+      EQPROP_CUDA_CHECK(eqprop::cuda::markov_bayes_nll_f32(nll.data_ptr<float>() + b0 * L, x, workspace, nb,
+                                                           L, k, n_ctx, vocab_size, alpha, stream));
     } else {
-      EQPROP_CUDA_CHECK(eqprop::cuda::markov_bayes_nll_f64(nll.data_ptr<double>() + b0 * L, x, workspace,
-                                                           nb, L, k, n_ctx, vocab_size, alpha, stream));
+      EQPROP_CUDA_CHECK(eqprop::cuda::markov_bayes_nll_f64(nll.data_ptr<double>() + b0 * L, x, workspace, nb,
+                                                           L, k, n_ctx, vocab_size, alpha, stream));
     }
   }
   return nll;
@@ -365,7 +369,7 @@ at::Tensor log_evidence(const at::Tensor& tokens_in, int64_t k, int64_t vocab_si
   // independent of V^k. Unvisited contexts contribute zero to the evidence.
   at::Tensor ctx = context_index(tokens, k, vocab_size);  // [B, L−k]
   at::Tensor seq = at::arange(B, tokens.options()).unsqueeze(1).mul(n_ctx);
-  at::Tensor ctx_key = (ctx + seq).reshape(-1);                                   // b·n_ctx + c
+  at::Tensor ctx_key = (ctx + seq).reshape(-1);  // b·n_ctx + c
   at::Tensor pair_key = ctx_key.mul(vocab_size).add(tokens.slice(1, k, L).reshape(-1));
   auto evidence_terms = [&](const at::Tensor& keys, int64_t per_seq, double prior) {
     // Σ over distinct keys of lnΓ(N + prior) − lnΓ(prior), summed per sequence.

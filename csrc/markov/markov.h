@@ -2,14 +2,15 @@
 // Dirichlet-multinomial log evidence, context counts and visits. CPU kernels here, CUDA in csrc/cuda/.
 #pragma once
 #include <ATen/core/Tensor.h>
+
 #include <tuple>
 
 namespace eqprop::markov {
 
 // tokens [B, L] int64 and tables [B, V^k, V] of `table_dtype`; seeded, same seed -> same output.
-std::tuple<at::Tensor, at::Tensor> sample(int64_t batch, int64_t k, int64_t seq_len,
-                                          int64_t vocab_size, double alpha, int64_t seed,
-                                          at::Device device, at::ScalarType table_dtype);
+std::tuple<at::Tensor, at::Tensor> sample(int64_t batch, int64_t k, int64_t seq_len, int64_t vocab_size,
+                                          double alpha, int64_t seed, at::Device device,
+                                          at::ScalarType table_dtype);
 
 // [B, L]: −ln P_Bayes(x_t | x_<t); ln V for t < k.
 at::Tensor bayes_nll(const at::Tensor& tokens, int64_t k, int64_t vocab_size, double alpha,

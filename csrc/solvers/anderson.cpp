@@ -25,8 +25,8 @@ at::Tensor Anderson::step(const at::Tensor& z, const at::Tensor& fz, const at::T
   F_.select(1, slot).copy_(fz.reshape({batch_, n_}));
   if (k == 1) return picard;  // one point: Anderson is the damped step
   const at::Tensor X = X_.narrow(1, 0, k), F = F_.narrow(1, 0, k);
-  const at::Tensor G = F - X;                              // [B, k, n]
-  at::Tensor H = at::matmul(G.conj(), G.mT());             // [B, k, n] @ [B, n, k] -> [B, k, k]
+  const at::Tensor G = F - X;                   // [B, k, n]
+  at::Tensor H = at::matmul(G.conj(), G.mT());  // [B, k, n] @ [B, n, k] -> [B, k, k]
   const at::Tensor diag_mean = at::real(H.diagonal(0, -2, -1)).mean(-1);  // [B]
   const at::Tensor lam = diag_mean * reg_ + kTiny;
   H = H + at::diag_embed(lam.unsqueeze(-1).expand({batch_, k}).to(H.scalar_type()));

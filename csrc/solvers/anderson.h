@@ -1,4 +1,4 @@
-// Type-II Anderson acceleration of the relaxation (DESIGN.md §4), per sample:
+// Type-II Anderson acceleration of the relaxation (docs/design.md §4), per sample:
 //   α = argmin ‖Σ αᵢ Gᵢ‖ s.t. Σ αᵢ = 1,  Gᵢ = F(zᵢ) − zᵢ  over the last m iterates,
 // from the bordered system [[0, 1ᵀ], [1, GᴴG + λI]] [ν; α] = [1; 0] (λ = reg × the mean diagonal of
 // GᴴG); then z ← β Σ αᵢ F(zᵢ) + (1 − β) Σ αᵢ zᵢ. Samples whose system fails take the Picard step.

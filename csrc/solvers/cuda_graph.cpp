@@ -58,8 +58,9 @@ void drop_graph(std::unique_ptr<at::cuda::CUDAGraph>& g) {
 // an internal assertion. Rather than holding the counts by hand (the host allocator's calls exist
 // only in some torch versions), the previous graph is kept alive until the next capture into the
 // pool has begun (it is destroyed once that capture has ended): the counts never reach zero between
-// captures, in whatever allocators this torch version counts. The previous graph is never replayed again, so the new capture may reuse the
-// blocks the previous one freed (the pool-sharing rule of CUDA graphs: replay in capture order).
+// captures, in whatever allocators this torch version counts. The previous graph is never replayed again, so
+// the new capture may reuse the blocks the previous one freed (the pool-sharing rule of CUDA graphs: replay
+// in capture order).
 //
 // Invariant: `pool` is set exactly when `previous` holds a graph captured into it. A failed
 // capture retires the pool (a fresh one is made by the next capture), because how far a failed

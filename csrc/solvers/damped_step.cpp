@@ -1,4 +1,4 @@
-// The fused damped update and its per-sample norms (docs/engine.md "Relaxation"; DESIGN.md §4):
+// The fused damped update and its per-sample norms (docs/engine.md "Relaxation"; docs/design.md §4):
 //   z_new = z + ε(F(z) − z),  ‖F(z) − z‖²,  ‖F(z)‖²  per sample, in one pass.
 // The CUDA kernel is csrc/cuda/relax.cu; this file holds its C++ twin and the dispatch. The op
 // torch.ops.eqprop.relax_damped_step is registered in csrc/bindings/ops.cpp.
@@ -31,16 +31,14 @@ at::ScalarType norm_dtype(at::ScalarType t) {
 
 void check_pair(const at::Tensor& z, const at::Tensor& fz) {
   TORCH_CHECK_VALUE(z.defined() && fz.defined(), "z and fz must be tensors, got None");
-  TORCH_CHECK_VALUE(z.dim() >= 1 && z.size(0) >= 1, "z must be [B, ...] with B >= 1, got shape ",
-                    z.sizes());
+  TORCH_CHECK_VALUE(z.dim() >= 1 && z.size(0) >= 1, "z must be [B, ...] with B >= 1, got shape ", z.sizes());
   TORCH_CHECK_VALUE(fz.sizes() == z.sizes(), "F(z) must have the shape of z ", z.sizes(), ", got ",
                     fz.sizes());
-  TORCH_CHECK_VALUE(fz.scalar_type() == z.scalar_type(), "F(z) must have the dtype of z (",
-                    z.scalar_type(), "), got ", fz.scalar_type());
-  TORCH_CHECK_VALUE(fz.device() == z.device(), "F(z) must be on the device of z (", z.device(),
-                    "), got ", fz.device());
+  TORCH_CHECK_VALUE(fz.scalar_type() == z.scalar_type(), "F(z) must have the dtype of z (", z.scalar_type(),
+                    "), got ", fz.scalar_type());
+  TORCH_CHECK_VALUE(fz.device() == z.device(), "F(z) must be on the device of z (", z.device(), "), got ",
+                    fz.device());
 }
-
 
 }  // namespace detail
 
@@ -74,7 +72,6 @@ void damped_step_cpu_kernel(scalar_t* z_new, double* res_sq, double* f_sq, const
     }
   });
 }
-
 
 }  // namespace
 

@@ -1,5 +1,5 @@
 // The relaxation loop (damped Picard or Anderson) to z* = F(z*; x), the adjoint iteration and
-// BPTT unrolls (DESIGN.md §4, §5; docs/engine.md "Relaxation"). Anderson is in anderson.cpp, the
+// BPTT unrolls (docs/design.md §4, §5; docs/engine.md "Relaxation"). Anderson is in anderson.cpp, the
 // fused damped step in damped_step.cpp, the CUDA-graph path in cuda_graph.cpp.
 #include "solvers/relax.h"
 
@@ -121,7 +121,8 @@ Relaxation::Relaxation(VectorField& field, const at::Tensor& z0, const RelaxOpti
   t_group_ = at::zeros({1}, z0.options().dtype(at::kLong));
   group_abs_ = at::zeros({opt.trace ? std::min(opt.check_every, opt.max_steps) : 0, B}, ropts);
   group_rel_ = at::zeros_like(group_abs_);
-  if (opt.method == Method::anderson) anderson_ = std::make_unique<Anderson>(z, opt.anderson_m, opt.eps, opt.anderson_reg);
+  if (opt.method == Method::anderson)
+    anderson_ = std::make_unique<Anderson>(z, opt.anderson_m, opt.eps, opt.anderson_reg);
 }
 
 void Relaxation::step(int64_t t) {
@@ -129,8 +130,9 @@ void Relaxation::step(int64_t t) {
   check_pair(z, fz);
   if (drive_) {
     const at::Tensor d = drive_(z);
-    TORCH_CHECK_VALUE(d.defined() && d.sizes() == z.sizes(), "drive(z) must return a tensor of the shape of z ",
-                      z.sizes(), ", got ", d.defined() ? d.sizes() : at::IntArrayRef{});
+    TORCH_CHECK_VALUE(d.defined() && d.sizes() == z.sizes(),
+                      "drive(z) must return a tensor of the shape of z ", z.sizes(), ", got ",
+                      d.defined() ? d.sizes() : at::IntArrayRef{});
     fz = fz + d;
   }
   auto [z_picard, res_sq, f_sq] = damped_step(z, fz, opt_.eps);
@@ -152,9 +154,9 @@ void Relaxation::step(int64_t t) {
   best_rel.copy_(at::where(improved, rel_res, best_rel));
 
   const at::Tensor converged = active.logical_and(metric <= opt_.tol);
-  const at::Tensor diverged = active.logical_and(converged.logical_not())
-                                  .logical_and(at::isfinite(abs_res).logical_not().logical_or(
-                                      abs_res > first_abs * opt_.divergence));
+  const at::Tensor diverged =
+      active.logical_and(converged.logical_not())
+          .logical_and(at::isfinite(abs_res).logical_not().logical_or(abs_res > first_abs * opt_.divergence));
   steps.copy_(at::where(converged.logical_or(diverged), t_ + 1, steps));
   status.masked_fill_(converged, static_cast<int8_t>(Status::converged));
   status.masked_fill_(diverged, static_cast<int8_t>(Status::diverged));
@@ -275,9 +277,7 @@ class AdjointField : public VectorField {
   std::vector<at::Tensor> parameters() override { return {}; }
 
  private:
-  static at::Tensor unsupported() {
-    TORCH_CHECK(false, "the adjoint field only evaluates λ ↦ Jᵀλ + g");
-  }
+  static at::Tensor unsupported() { TORCH_CHECK(false, "the adjoint field only evaluates λ ↦ Jᵀλ + g"); }
   Linearization& lin_;
   at::Tensor g_;
 };
@@ -289,10 +289,11 @@ AdjointResult adjoint_solve(Linearization& lin, const at::Tensor& g, int64_t max
   TORCH_CHECK_VALUE(max_steps >= 1, "backward_max_steps must be >= 1, got ", max_steps);
   TORCH_CHECK_VALUE(std::isfinite(tol) && tol >= 0.0, "backward_tol must be finite and >= 0, got ", tol);
   TORCH_CHECK_VALUE(anderson_m >= 1, "backward_anderson_m must be >= 1, got ", anderson_m);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, "eps (adjoint damping) must be finite and > 0, got ", eps);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0.0, "eps (adjoint damping) must be finite and > 0, got ",
+                    eps);
   const at::Tensor& z = lin.point();
-  TORCH_CHECK_VALUE(g.defined() && g.sizes() == z.sizes(), "g (∂ℓ/∂z*) must have the shape of z* ",
-                    z.sizes(), ", got ", g.sizes());
+  TORCH_CHECK_VALUE(g.defined() && g.sizes() == z.sizes(), "g (∂ℓ/∂z*) must have the shape of z* ", z.sizes(),
+                    ", got ", g.sizes());
   TORCH_CHECK_VALUE(g.device() == z.device(), "g must be on the device of z* (", z.device(), "), got ",
                     g.device());
   const at::Tensor gg = g.detach().to(z.scalar_type());
@@ -324,7 +325,7 @@ at::Tensor unroll(VectorField& field, const at::Tensor& z, int64_t steps, double
   for (int64_t t = 0; t < steps; ++t) {
     const at::Tensor fz = field.eval(zt);
     check_pair(zt, fz);
-    zt = zt + (fz - zt) * eps;  // DESIGN.md §4, differentiable
+    zt = zt + (fz - zt) * eps;  // docs/design.md §4, differentiable
   }
   return zt;
 }

@@ -1,4 +1,4 @@
-// Relaxation to the fixed point z* = F(z*; x) (DESIGN.md §4), the adjoint iteration of implicit
+// Relaxation to the fixed point z* = F(z*; x) (docs/design.md §4), the adjoint iteration of implicit
 // differentiation (§5), and the differentiable unroll used by BPTT(h).
 //
 // Every solver has the same signature and the same result: the lowest-residual iterate per sample
@@ -27,15 +27,15 @@ enum class CudaGraph { off, on, automatic };
 enum class OnNonconvergence { warn, raise, ignore };
 
 struct RelaxOptions {
-  int64_t max_steps = 100;   // F evaluations at most
-  double eps = 1.0;          // damping: z ← z + ε(F(z) − z); Anderson mixes β = ε
-  double tol = 1e-4;         // stop a sample once its residual (per `stop`) ≤ tol
-  Stop stop = Stop::rel;     // rel ‖F(z) − z‖/‖F(z)‖ or abs ‖F(z) − z‖
+  int64_t max_steps = 100;  // F evaluations at most
+  double eps = 1.0;         // damping: z ← z + ε(F(z) − z); Anderson mixes β = ε
+  double tol = 1e-4;        // stop a sample once its residual (per `stop`) ≤ tol
+  Stop stop = Stop::rel;    // rel ‖F(z) − z‖/‖F(z)‖ or abs ‖F(z) − z‖
   Method method = Method::picard;
-  int64_t anderson_m = 5;    // history length
+  int64_t anderson_m = 5;      // history length
   double anderson_reg = 1e-8;  // Tikhonov λ relative to the mean diagonal of the Gram matrix
-  double divergence = 1e4;   // diverged: residual non-finite or > divergence × the first residual
-  bool trace = true;         // keep the residual trace [T, B]
+  double divergence = 1e4;     // diverged: residual non-finite or > divergence × the first residual
+  bool trace = true;           // keep the residual trace [T, B]
   // The host asks "has every sample stopped?" (one device sync) after every `check_every` steps
   // (a CUDA graph holds min(check_every, 32) steps, and the host asks after each replay). Larger
   // values save syncs and launches and may evaluate up to check_every − 1 batched steps after the
@@ -48,7 +48,7 @@ struct RelaxOptions {
 // Parse "rel"/"abs" and "picard"/"anderson", naming the argument and the valid values on error.
 Stop parse_stop(const std::string& s);
 Method parse_method(const std::string& s);
-CudaGraph parse_cuda_graph(const std::string& s);  // "auto" / "on" / "off"
+CudaGraph parse_cuda_graph(const std::string& s);                // "auto" / "on" / "off"
 OnNonconvergence parse_on_nonconvergence(const std::string& s);  // "warn" / "raise" / "ignore"
 std::string to_string(Stop s);
 std::string to_string(Method m);
@@ -65,23 +65,22 @@ void set_interrupt_check(std::function<void()> fn);
 void check_interrupt();
 
 // An additive drive d(z) turns the relaxation into dz/dt = F(z) + d(z) − z: the nudged phase of
-// EP is d(z) = −β ∂ℓ/∂z + c(z) (DESIGN.md §5), complex β included. Empty: the free phase.
+// EP is d(z) = −β ∂ℓ/∂z + c(z) (docs/design.md §5), complex β included. Empty: the free phase.
 using Drive = std::function<at::Tensor(const at::Tensor& z)>;
 
 struct RelaxResult {
-  at::Tensor z;           // [B, ...] lowest-residual iterate per sample
-  at::Tensor steps;       // [B] int64: F evaluations until the sample stopped
+  at::Tensor z;             // [B, ...] lowest-residual iterate per sample
+  at::Tensor steps;         // [B] int64: F evaluations until the sample stopped
   at::Tensor abs_residual;  // [B] ‖F(z) − z‖ at the returned iterate (real dtype)
   at::Tensor rel_residual;  // [B] ‖F(z) − z‖/‖F(z)‖ at the returned iterate
-  at::Tensor trace_abs;   // [T, B] abs residual of every evaluated iterate (empty if !trace)
-  at::Tensor trace_rel;   // [T, B]
-  at::Tensor status;      // [B] int8 (Status)
-  int64_t n_evals = 0;    // batched F evaluations
+  at::Tensor trace_abs;     // [T, B] abs residual of every evaluated iterate (empty if !trace)
+  at::Tensor trace_rel;     // [T, B]
+  at::Tensor status;        // [B] int8 (Status)
+  int64_t n_evals = 0;      // batched F evaluations
   bool cuda_graph = false;  // whether steps were replayed as a CUDA graph
 };
 
-RelaxResult relax(VectorField& field, const at::Tensor& z0, const RelaxOptions& opt,
-                  const Drive& drive = {});
+RelaxResult relax(VectorField& field, const at::Tensor& z0, const RelaxOptions& opt, const Drive& drive = {});
 
 struct AdjointResult {
   at::Tensor lambda;    // [B, ...] solution of (I − Jᵀ)λ = g
@@ -91,15 +90,15 @@ struct AdjointResult {
   int64_t n_vjps = 0;
 };
 
-// (I − Jᵀ)λ = g at the linearization point, VJPs only (DESIGN.md §5): the relaxation of the
+// (I − Jᵀ)λ = g at the linearization point, VJPs only (docs/design.md §5): the relaxation of the
 // adjoint field λ ↦ Jᵀλ + g from λ = g, by the same solvers as the forward pass — Picard is the
 // recurrent-backprop iteration λ ← λ + ε(Jᵀλ + g − λ) (ε = 1: λ ← Jᵀλ + g); Anderson accelerates
 // it. Pass the forward damping ε: Jᵀ has the spectrum of J, so a forward pass that needed damping
 // to converge needs the same damping here (same fixed point). Stops a sample at
 // ‖Jᵀλ + g − λ‖/‖Jᵀλ + g‖ ≤ tol; returns its lowest-residual λ.
 AdjointResult adjoint_solve(Linearization& lin, const at::Tensor& g, int64_t max_steps, double tol,
-                            Method method = Method::picard, int64_t anderson_m = 5,
-                            double divergence = 1e6, double eps = 1.0);
+                            Method method = Method::picard, int64_t anderson_m = 5, double divergence = 1e6,
+                            double eps = 1.0);
 
 // `steps` damped Picard steps from z with plain ATen ops, on the autograd graph when grad mode is
 // on: BPTT(h) differentiates through this.

@@ -54,9 +54,9 @@ class Relaxation {
   VectorField& field_;
   const RelaxOptions& opt_;
   const Drive& drive_;
-  at::Tensor t_;        // [1] int64: the index of the step being evaluated
-  at::Tensor t_group_;  // [1] int64: the index of the group's first step
-  at::Tensor group_abs_, group_rel_;  // [check_every, B] this group's residuals
+  at::Tensor t_;                                   // [1] int64: the index of the step being evaluated
+  at::Tensor t_group_;                             // [1] int64: the index of the group's first step
+  at::Tensor group_abs_, group_rel_;               // [check_every, B] this group's residuals
   std::vector<at::Tensor> trace_abs_, trace_rel_;  // the rows of finished groups
   std::unique_ptr<Anderson> anderson_;
 };

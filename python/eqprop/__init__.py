@@ -7,7 +7,7 @@ test oracle and benchmark baseline.
 
 from __future__ import annotations
 
-import torch  # must be imported before eqprop._C (DESIGN.md §3)
+import torch  # must be imported before eqprop._C (docs/design.md §3)
 
 __version__ = "0.1.0"
 
@@ -17,8 +17,7 @@ def _load_core():
         from . import _build_config
     except ImportError as err:  # pragma: no cover - only in a source tree that was never built
         raise ImportError(
-            "eqprop's C++ core is not built. Install with "
-            "`pip install --no-build-isolation .` (see README)."
+            "eqprop's C++ core is not built. Install with `pip install --no-build-isolation .` (see README)."
         ) from err
     built, running = _build_config.TORCH_VERSION, torch.__version__
     if built != running:
@@ -59,9 +58,17 @@ from .block import EquilibriumBlock, EquilibriumLM  # noqa: E402
 from .solvers import NonConvergenceError, NonConvergenceWarning, fixed_point, relax  # noqa: E402
 
 __all__ = [
-    "__version__", "build_info",
-    "markov", "models",
-    "EquilibriumBlock", "EquilibriumLM", "relax", "fixed_point",
-    "NonConvergenceWarning", "NonConvergenceError",
-    "solvers", "estimators", "diagnostics",
+    "__version__",
+    "build_info",
+    "markov",
+    "models",
+    "EquilibriumBlock",
+    "EquilibriumLM",
+    "relax",
+    "fixed_point",
+    "NonConvergenceWarning",
+    "NonConvergenceError",
+    "solvers",
+    "estimators",
+    "diagnostics",
 ]

@@ -1,4 +1,4 @@
-"""The equilibrium transformer block and the equilibrium LM built on it (DESIGN.md §4).
+"""The equilibrium transformer block and the equilibrium LM built on it (docs/design.md §4).
 
 ``EquilibriumBlock`` holds the parameters; its F(z; x) runs in the C++ core
 (``eqprop._C.block_forward``), differentiable by ordinary autograd, real or complex (holomorphic).
@@ -43,7 +43,7 @@ def _float_arg(name: str, value, *, positive: bool = False, nonneg: bool = False
 
 
 class EquilibriumBlock(nn.Module):
-    """One equilibrium transformer block F(z; x) (DESIGN.md §4), computed by the C++ core.
+    """One equilibrium transformer block F(z; x) (docs/design.md §4), computed by the C++ core.
 
         coupled     F(z; x) = x + Attn(LN1(z)) + FFN(LN2(z))
         sequential  F(z; x) = h + FFN(LN2(h)),   h = x + Attn(LN1(z))
@@ -93,26 +93,59 @@ class EquilibriumBlock(nn.Module):
     Example: ``blk = EquilibriumBlock(64, 4); Fz = blk(torch.zeros(2, 10, 64), x)``
     """
 
-    def __init__(self, d_model: int, n_heads: int, *, mlp_ratio: float = 4, coupling: str = "coupled",
-                 qk_norm: bool = True, bias: bool = False, resinit: float = 0.1, attention: str = "softmax",
-                 ffn: str = "mlp", spectral_rho: Optional[float] = None, rope: bool = False,
-                 rope_base: float = 10000.0, monotone_m: float = 0.1, ln_eps: float = 1e-5,
-                 qk_eps: float = 1e-6, attn_kernel: str = "auto", device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        mlp_ratio: float = 4,
+        coupling: str = "coupled",
+        qk_norm: bool = True,
+        bias: bool = False,
+        resinit: float = 0.1,
+        attention: str = "softmax",
+        ffn: str = "mlp",
+        spectral_rho: Optional[float] = None,
+        rope: bool = False,
+        rope_base: float = 10000.0,
+        monotone_m: float = 0.1,
+        ln_eps: float = 1e-5,
+        qk_eps: float = 1e-6,
+        attn_kernel: str = "auto",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         d_model, n_heads = _int_arg("d_model", d_model), _int_arg("n_heads", n_heads)
         mlp_ratio = _float_arg("mlp_ratio", mlp_ratio, positive=True)
         self.resinit = _float_arg("resinit", resinit, nonneg=True)
-        for name, value in (("coupling", coupling), ("attention", attention), ("ffn", ffn),
-                            ("attn_kernel", attn_kernel)):
+        for name, value in (
+            ("coupling", coupling),
+            ("attention", attention),
+            ("ffn", ffn),
+            ("attn_kernel", attn_kernel),
+        ):
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a str, got {type(value).__name__} {value!r}")
         if spectral_rho is not None:
             spectral_rho = _float_arg("spectral_rho", spectral_rho, positive=True)
         self.config = _C.BlockConfig(
-            d_model=d_model, n_heads=n_heads, d_ff=max(1, round(d_model * mlp_ratio)), coupling=coupling,
-            attention=attention, ffn=ffn, qk_norm=bool(qk_norm), bias=bool(bias), rope=bool(rope),
-            rope_base=float(rope_base), spectral_rho=spectral_rho, monotone_m=float(monotone_m),
-            ln_eps=float(ln_eps), qk_eps=float(qk_eps), attn_kernel=attn_kernel)
+            d_model=d_model,
+            n_heads=n_heads,
+            d_ff=max(1, round(d_model * mlp_ratio)),
+            coupling=coupling,
+            attention=attention,
+            ffn=ffn,
+            qk_norm=bool(qk_norm),
+            bias=bool(bias),
+            rope=bool(rope),
+            rope_base=float(rope_base),
+            spectral_rho=spectral_rho,
+            monotone_m=float(monotone_m),
+            ln_eps=float(ln_eps),
+            qk_eps=float(qk_eps),
+            attn_kernel=attn_kernel,
+        )
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be a real floating dtype (float32/float64/bfloat16/float16), got {dtype}")
@@ -200,9 +233,20 @@ class EquilibriumBlock(nn.Module):
     def _reference_options(self) -> dict:
         """Keyword arguments of ``eqprop.reference.block.block`` that describe this block."""
         c = self.config
-        return dict(n_heads=c.n_heads, coupling=c.coupling, attention=c.attention, ffn=c.ffn, qk_norm=c.qk_norm,
-                    rope=c.rope, rope_base=c.rope_base, spectral_rho=c.spectral_rho, sn_u=self.sn_u_dict(),
-                    monotone_m=c.monotone_m, ln_eps=c.ln_eps, qk_eps=c.qk_eps)
+        return dict(
+            n_heads=c.n_heads,
+            coupling=c.coupling,
+            attention=c.attention,
+            ffn=c.ffn,
+            qk_norm=c.qk_norm,
+            rope=c.rope,
+            rope_base=c.rope_base,
+            spectral_rho=c.spectral_rho,
+            sn_u=self.sn_u_dict(),
+            monotone_m=c.monotone_m,
+            ln_eps=c.ln_eps,
+            qk_eps=c.qk_eps,
+        )
 
     def extra_repr(self) -> str:
         return repr(self.config)
@@ -259,8 +303,17 @@ class EquilibriumLM(nn.Module):
     lm.loss(eqprop.markov.sample(16, 1)).backward()``
     """
 
-    def __init__(self, vocab_size: int, d_model: int, n_head: int, *, max_len: int, pos_enc: str = "learned",
-                 fixed_point: Optional[dict] = None, **block_kwargs):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        n_head: int,
+        *,
+        max_len: int,
+        pos_enc: str = "learned",
+        fixed_point: Optional[dict] = None,
+        **block_kwargs,
+    ):
         super().__init__()
         self.vocab_size = _int_arg("vocab_size", vocab_size, 2)
         self.max_len = _int_arg("max_len", max_len)
@@ -268,11 +321,12 @@ class EquilibriumLM(nn.Module):
         if pos_enc not in ("learned", "sinusoidal", "rope"):
             raise ValueError(f'pos_enc must be one of "learned", "sinusoidal", "rope"; got {pos_enc!r}')
         if "rope" in block_kwargs:
-            raise TypeError("EquilibriumLM sets the block's rope option from pos_enc; pass pos_enc=\"rope\" instead")
+            raise TypeError('EquilibriumLM sets the block\'s rope option from pos_enc; pass pos_enc="rope" instead')
         if block_kwargs.get("attention", "softmax") == "energy":
             raise ValueError(
                 'attention="energy" is not causal (its symmetric Jacobian sends information from later '
-                'tokens back to earlier ones), so an LM trained on it reads the future; use "softmax"')
+                'tokens back to earlier ones), so an LM trained on it reads the future; use "softmax"'
+            )
         self.pos_enc = pos_enc
         dtype = block_kwargs.get("dtype")
         device = block_kwargs.get("device")
@@ -293,14 +347,20 @@ class EquilibriumLM(nn.Module):
     def inject(self, tokens: Tensor) -> Tensor:
         """The injection x = E[tokens] (+ positions): tokens [B, L] int64 -> [B, L, C]."""
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
-            got = f"{tokens.dtype} of shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            got = (
+                f"{tokens.dtype} of shape {tuple(tokens.shape)}"
+                if isinstance(tokens, Tensor)
+                else type(tokens).__name__
+            )
             raise ValueError(f"tokens must be an int64 tensor [B, L], got {got}")
         L = tokens.shape[1]
         if not 1 <= L <= self.max_len:
             raise ValueError(f"tokens must have 1 <= L <= max_len={self.max_len} positions, got L={L}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-            raise ValueError(f"tokens must lie in [0, vocab_size={self.vocab_size}), got values in "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+            raise ValueError(
+                f"tokens must lie in [0, vocab_size={self.vocab_size}), got values in "
+                f"[{int(tokens.min())}, {int(tokens.max())}]"
+            )
         x = self.tok_emb(tokens)
         if self.pos_enc == "learned":
             x = x + self.pos_emb.weight[:L]

@@ -21,16 +21,27 @@ def _markov_bayes(args: argparse.Namespace) -> int:
     args.device = resolve_device(args.device)  # a clear error for cuda on a torch without CUDA
 
     rows = []
-    header = f"{'k':>2} {'L':>6} {'Bayes NLL/token':>16} {'+-SE':>8} {'anchor':>7} {'z':>6} " \
-             f"{'p5 visits':>9} {'<10 visits':>10} {'unvisited':>9} {'sec':>6}"
-    print(f"Markov-k Bayes NLL (V={args.vocab_size}, alpha={args.alpha}, {args.batch} sequences each, "
-          f"seed={args.seed}, device={args.device})")
+    header = (
+        f"{'k':>2} {'L':>6} {'Bayes NLL/token':>16} {'+-SE':>8} {'anchor':>7} {'z':>6} "
+        f"{'p5 visits':>9} {'<10 visits':>10} {'unvisited':>9} {'sec':>6}"
+    )
+    print(
+        f"Markov-k Bayes NLL (V={args.vocab_size}, alpha={args.alpha}, {args.batch} sequences each, "
+        f"seed={args.seed}, device={args.device})"
+    )
     print(header)
     for k in args.k:
         t0 = time.perf_counter()
         seq_len = args.seq_len or markov.default_seq_len(k)
-        x = markov.sample(args.batch, k, seq_len=seq_len, vocab_size=args.vocab_size, alpha=args.alpha,
-                          seed=args.seed + k, device=args.device)
+        x = markov.sample(
+            args.batch,
+            k,
+            seq_len=seq_len,
+            vocab_size=args.vocab_size,
+            alpha=args.alpha,
+            seed=args.seed + k,
+            device=args.device,
+        )
         nll = markov.bayes_nll(x, k, vocab_size=args.vocab_size, alpha=args.alpha, dtype=torch.float64)
         per_seq = nll[:, k:].mean(1)
         mean, se = float(per_seq.mean()), float(per_seq.std() / per_seq.numel() ** 0.5)
@@ -41,14 +52,17 @@ def _markov_bayes(args: argparse.Namespace) -> int:
         # the anchor is a Monte-Carlo mean too: z uses both standard errors
         z = (mean - anchor) / math.hypot(se, quoted.se) if quoted is not None else None
         secs = time.perf_counter() - t0
-        rows.append(dict(k=k, seq_len=seq_len, bayes_nll=mean, se=se, anchor=anchor, z=z, coverage=cov,
-                         seconds=secs))
-        print(f"{k:>2} {seq_len:>6} {mean:>16.4f} {se:>8.4f} "
-              f"{(f'{anchor:.4f}' if anchor is not None else '-'):>7} "
-              f"{(f'{z:+.1f}' if z is not None else '-'):>6} {cov['p5']:>9.0f} {cov['frac_lt10']:>10.3f} "
-              f"{cov['frac_unvisited']:>9.3f} {secs:>6.2f}")
-    print("z = (measured - anchor) / sqrt(SE^2 + SE_anchor^2); |z| < 3 agrees with the anchor. "
-          "Visits count, per sequence, how often each of the V^k contexts precedes a target.")
+        rows.append(dict(k=k, seq_len=seq_len, bayes_nll=mean, se=se, anchor=anchor, z=z, coverage=cov, seconds=secs))
+        print(
+            f"{k:>2} {seq_len:>6} {mean:>16.4f} {se:>8.4f} "
+            f"{(f'{anchor:.4f}' if anchor is not None else '-'):>7} "
+            f"{(f'{z:+.1f}' if z is not None else '-'):>6} {cov['p5']:>9.0f} {cov['frac_lt10']:>10.3f} "
+            f"{cov['frac_unvisited']:>9.3f} {secs:>6.2f}"
+        )
+    print(
+        "z = (measured - anchor) / sqrt(SE^2 + SE_anchor^2); |z| < 3 agrees with the anchor. "
+        "Visits count, per sequence, how often each of the V^k contexts precedes a target."
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
@@ -59,8 +73,11 @@ def _markov_bayes(args: argparse.Namespace) -> int:
 def _setup_logging(verbose: bool) -> None:
     import logging
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 def _fmt_gap(gap, se) -> str:
@@ -73,8 +90,12 @@ _SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
 def _print_eval(result: dict, indent: str = "  ") -> None:
     pos = result["by_position"]
-    print(f"{indent}by position (t >= k): " + ", ".join(
-        f"{name} {_fmt_gap(pos[name]['gap_pct'], pos[name]['gap_se'])}" for name in ("early", "middle", "late")))
+    print(
+        f"{indent}by position (t >= k): "
+        + ", ".join(
+            f"{name} {_fmt_gap(pos[name]['gap_pct'], pos[name]['gap_se'])}" for name in ("early", "middle", "late")
+        )
+    )
     parts = []
     for b in result["by_visit_count"]:
         lo, hi = b["visits"]
@@ -99,13 +120,17 @@ def _markov_train(args: argparse.Namespace) -> int:
     s = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
-    print(f"{cfg.n_layer}-layer width-{cfg.d_model} {cfg.pos_enc} transformer; best eval gap on the fixed eval set "
-          f"of {cfg.eval_batches * cfg.eval_batch_size} sequences, final gaps on fresh ones")
+    print(
+        f"{cfg.n_layer}-layer width-{cfg.d_model} {cfg.pos_enc} transformer; best eval gap on the fixed eval set "
+        f"of {cfg.eval_batches * cfg.eval_batch_size} sequences, final gaps on fresh ones"
+    )
     print(s)
     for f in s.final:
-        print(f"final gap to Bayes of best.pt: {_fmt_gap(f['gap_pct'], f['gap_se'])}  "
-              f"(model {f['model_nll']:.4f} vs Bayes {f['bayes_nll']:.4f} nats/token; {f['n_seqs']} fresh "
-              f"sequences, seed {f['seed']})")
+        print(
+            f"final gap to Bayes of best.pt: {_fmt_gap(f['gap_pct'], f['gap_se'])}  "
+            f"(model {f['model_nll']:.4f} vs Bayes {f['bayes_nll']:.4f} nats/token; {f['n_seqs']} fresh "
+            f"sequences, seed {f['seed']})"
+        )
     if s.final:
         _print_eval(s.final[0])
     for name, path in s.figures.items():
@@ -123,11 +148,19 @@ def _markov_eval(args: argparse.Namespace) -> int:
 
     rows = []
     for seed in args.seed:
-        r = evaluate(args.checkpoint, n_batches=args.batches, batch_size=args.batch_size, seed=seed,
-                     seq_len=args.seq_len, device=args.device)
+        r = evaluate(
+            args.checkpoint,
+            n_batches=args.batches,
+            batch_size=args.batch_size,
+            seed=seed,
+            seq_len=args.seq_len,
+            device=args.device,
+        )
         rows.append(r.to_dict())
-        print(f"{args.checkpoint}: gap to Bayes {_fmt_gap(r.gap_pct, r.gap_se)} (model {r.model_nll:.4f} vs "
-              f"Bayes {r.bayes_nll:.4f} nats/token; {r.n_seqs} sequences of length {r.seq_len}, seed {seed})")
+        print(
+            f"{args.checkpoint}: gap to Bayes {_fmt_gap(r.gap_pct, r.gap_se)} (model {r.model_nll:.4f} vs "
+            f"Bayes {r.bayes_nll:.4f} nats/token; {r.n_seqs} sequences of length {r.seq_len}, seed {seed})"
+        )
         _print_eval(rows[-1])
     if args.json:
         with open(args.json, "w") as f:
@@ -146,13 +179,25 @@ def _markov_ladder(args: argparse.Namespace) -> int:
     from eqprop.train.markov import TrainConfig
 
     base = TrainConfig.from_args(args, skip=_LADDER_SKIP, defaults=LADDER_START)
-    results = ladder(args.k, base=base, out_dir=args.out_dir, max_rungs=args.max_rungs, max_layers=args.max_layers,
-                     max_width=args.max_width, max_steps_cap=args.max_steps_cap, overwrite=base.overwrite)
+    results = ladder(
+        args.k,
+        base=base,
+        out_dir=args.out_dir,
+        max_rungs=args.max_rungs,
+        max_layers=args.max_layers,
+        max_width=args.max_width,
+        max_steps_cap=args.max_steps_cap,
+        overwrite=base.overwrite,
+    )
     for k, res in results.items():
-        best = min((r for r in res["rungs"] if r["best_gap_pct"] is not None), key=lambda r: r["best_gap_pct"],
-                   default=None)
-        tail = f"best {best['n_layer']}x{best['d_model']}, {best['max_steps']} steps: {best['best_gap_pct']:+.2f}%" \
-            if best else "no evaluated rung"
+        best = min(
+            (r for r in res["rungs"] if r["best_gap_pct"] is not None), key=lambda r: r["best_gap_pct"], default=None
+        )
+        tail = (
+            f"best {best['n_layer']}x{best['d_model']}, {best['max_steps']} steps: {best['best_gap_pct']:+.2f}%"
+            if best
+            else "no evaluated rung"
+        )
         print(f"k={k}: {'PASS' if res['passed'] else 'FAIL'} after {len(res['rungs'])} rungs ({res['reason']}); {tail}")
     print(f"ladder summary: {args.out_dir}/ladder_summary.json   plot: {args.out_dir}/ladder.png")
     return 0 if all(r["passed"] for r in results.values()) else 1
@@ -168,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     mk = sub.add_parser("markov", help="the Markov-k in-context-learning benchmark")
     mk_sub = mk.add_subparsers(dest="command", required=True)
 
-    bayes = mk_sub.add_parser("bayes", help="sample sequences and report the exact Bayes NLL per token",
-                              description=_markov_bayes.__doc__)
+    bayes = mk_sub.add_parser(
+        "bayes", help="sample sequences and report the exact Bayes NLL per token", description=_markov_bayes.__doc__
+    )
     bayes.add_argument("--k", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6], help="Markov orders")
     bayes.add_argument("--batch", type=int, default=4096, help="sequences per order")
     bayes.add_argument("--seq-len", type=int, default=None, help="sequence length (default 100*2^k)")
@@ -183,19 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     from eqprop.train.markov import TrainConfig
 
-    tr = mk_sub.add_parser("train", help="train a transformer and report its gap to Bayes (the CPU demo by default)",
-                           description=_markov_train.__doc__)
+    tr = mk_sub.add_parser(
+        "train",
+        help="train a transformer and report its gap to Bayes (the CPU demo by default)",
+        description=_markov_train.__doc__,
+    )
     TrainConfig.add_options(tr)
     tr.add_argument("-v", "--verbose", action="store_true", help="log every evaluation")
     tr.set_defaults(func=_markov_train)
 
-    ev = mk_sub.add_parser("eval", help="score a checkpoint on fresh sequences", description=_markov_eval.__doc__,
-                           formatter_class=fmt)
+    ev = mk_sub.add_parser(
+        "eval", help="score a checkpoint on fresh sequences", description=_markov_eval.__doc__, formatter_class=fmt
+    )
     ev.add_argument("checkpoint", help="best.pt or last.pt written by `eqprop markov train`")
     ev.add_argument("--batches", type=int, default=16, help="batches per evaluation set (>= 1)")
     ev.add_argument("--batch-size", type=int, default=None, help="sequences per batch (default: the run's)")
-    ev.add_argument("--seed", type=int, nargs="+", default=[2_000_003, 3_000_017],
-                    help="one independent evaluation set per seed")
+    ev.add_argument(
+        "--seed", type=int, nargs="+", default=[2_000_003, 3_000_017], help="one independent evaluation set per seed"
+    )
     ev.add_argument("--seq-len", type=int, default=None, help="evaluation length (default: the run's)")
     ev.add_argument("--device", default=None, help="default: cpu")
     ev.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -1,4 +1,4 @@
-"""Jacobian diagnostics and contraction penalties of a fixed point (DESIGN.md §6, §7).
+"""Jacobian diagnostics and contraction penalties of a fixed point (docs/design.md §6, §7).
 
 Each function takes ``(f, x, z)`` with ``f`` in any form :func:`eqprop.solvers.as_field` accepts
 and J = ∂F/∂z at z ([B, ...]). Spectral quantities are per sample ([B]; J is block diagonal over
@@ -18,8 +18,17 @@ import torch
 from . import _C
 from .solvers import as_field
 
-__all__ = ["MonteCarlo", "residual", "spectral_radius", "spectral_norm", "frobenius_sq",
-           "nonnormality", "symmetric_fraction", "jacobian_penalty", "homeostatic_loss"]
+__all__ = [
+    "MonteCarlo",
+    "residual",
+    "spectral_radius",
+    "spectral_norm",
+    "frobenius_sq",
+    "nonnormality",
+    "symmetric_fraction",
+    "jacobian_penalty",
+    "homeostatic_loss",
+]
 
 
 @dataclass
@@ -51,8 +60,9 @@ def residual(f: Any, x: Optional[torch.Tensor], z: torch.Tensor) -> tuple[torch.
     return tuple(_C.residual(as_field(f, x), z))
 
 
-def spectral_radius(f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, iters: int = 100,
-                    seed: int = 0, return_history: bool = False):
+def spectral_radius(
+    f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, iters: int = 100, seed: int = 0, return_history: bool = False
+):
     """Spectral radius ρ(J) per sample [B] by power iteration on JVPs.
 
     ρ is the geometric mean of the growth ``||J v_t||`` (v_t normalized) over the second half of the
@@ -63,8 +73,9 @@ def spectral_radius(f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, iters
     return (rho, hist) if return_history else rho
 
 
-def spectral_norm(f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, iters: int = 100,
-                  seed: int = 0, return_history: bool = False):
+def spectral_norm(
+    f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, iters: int = 100, seed: int = 0, return_history: bool = False
+):
     """‖J‖₂ per sample [B] by power iteration on JᴴJ (one JVP and one VJP per iteration).
 
     Example: ``sigma = diagnostics.spectral_norm(layer, x, z)``.
@@ -78,34 +89,45 @@ def _mc(fn, f, x, z, probes, seed, dist) -> MonteCarlo:
     return MonteCarlo(value=float(d["value"]), stderr=float(d["stderr"]), probes=int(d["probes"]))
 
 
-def frobenius_sq(f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, probes: int = 8, seed: int = 0,
-                 dist: str = "rademacher") -> MonteCarlo:
-    """Hutchinson estimate of ``||J||_F^2 / numel(z)`` as the mean of ``||vᵀJ||² / numel`` (DESIGN.md §6).
+def frobenius_sq(
+    f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, probes: int = 8, seed: int = 0, dist: str = "rademacher"
+) -> MonteCarlo:
+    """Hutchinson estimate of ``||J||_F^2 / numel(z)`` as the mean of ``||vᵀJ||² / numel`` (docs/design.md §6).
 
     Example: ``diagnostics.frobenius_sq(layer, x, z, probes=16).value``.
     """
     return _mc(_C.frobenius_sq, f, x, z, probes, seed, dist)
 
 
-def nonnormality(f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, probes: int = 8, seed: int = 0,
-                 dist: str = "rademacher") -> MonteCarlo:
+def nonnormality(
+    f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, probes: int = 8, seed: int = 0, dist: str = "rademacher"
+) -> MonteCarlo:
     """``sqrt(Σ||Jv - Jᵀv||² / Σ||Jv||²)`` over probes, an estimate of ``||J - Jᵀ||_F / ||J||_F``
     (0 for symmetric J); stderr by the delta method. Example: ``diagnostics.nonnormality(f, x, z)``.
     """
     return _mc(_C.nonnormality, f, x, z, probes, seed, dist)
 
 
-def symmetric_fraction(f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, probes: int = 8,
-                       seed: int = 0, dist: str = "rademacher") -> MonteCarlo:
+def symmetric_fraction(
+    f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, probes: int = 8, seed: int = 0, dist: str = "rademacher"
+) -> MonteCarlo:
     """``||J_s||_F / (||J_s||_F + ||J_a||_F)`` with J_s, J_a the symmetric / antisymmetric parts
     (1 for symmetric J, 1/2 for ``||J_s|| = ||J_a||``). Example: ``diagnostics.symmetric_fraction(f, x, z)``.
     """
     return _mc(_C.symmetric_fraction, f, x, z, probes, seed, dist)
 
 
-def jacobian_penalty(f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, probes: int = 1, seed: int = 0,
-                     weight: float = 1.0, dist: str = "gaussian") -> torch.Tensor:
-    """``weight · mean_v ||vᵀJ||² / numel(z)`` (jr·‖J‖²_F, DESIGN.md §6), a scalar on the autograd
+def jacobian_penalty(
+    f: Any,
+    x: Optional[torch.Tensor],
+    z: torch.Tensor,
+    *,
+    probes: int = 1,
+    seed: int = 0,
+    weight: float = 1.0,
+    dist: str = "gaussian",
+) -> torch.Tensor:
+    """``weight · mean_v ||vᵀJ||² / numel(z)`` (jr·‖J‖²_F, docs/design.md §6), a scalar on the autograd
     graph: differentiable in f's parameters (and in z if z requires grad).
 
     Example: ``(loss + diagnostics.jacobian_penalty(layer, x, z, weight=jr)).backward()``.
@@ -113,10 +135,18 @@ def jacobian_penalty(f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, prob
     return _C.jacobian_penalty(as_field(f, x), z, _count("probes", probes), _seed(seed), float(weight), dist)
 
 
-def homeostatic_loss(f: Any, x: Optional[torch.Tensor], z: torch.Tensor, *, probes: int = 1, seed: int = 0,
-                     weight: float = 1.0, dist: str = "gaussian") -> torch.Tensor:
+def homeostatic_loss(
+    f: Any,
+    x: Optional[torch.Tensor],
+    z: torch.Tensor,
+    *,
+    probes: int = 1,
+    seed: int = 0,
+    weight: float = 1.0,
+    dist: str = "gaussian",
+) -> torch.Tensor:
     """``weight · mean_ε (||Jε||² - (Jᵀε)·(Jε)) / numel(z)``: an unbiased estimate of
-    ``weight · ½||J - Jᵀ||²_F / numel(z)`` (Laborieux & Zenke 2024, DESIGN.md §6), differentiable in
+    ``weight · ½||J - Jᵀ||²_F / numel(z)`` (Laborieux & Zenke 2024, docs/design.md §6), differentiable in
     f's parameters. Example: ``diagnostics.homeostatic_loss(layer, x, z, weight=lam).backward()``.
     """
     return _C.homeostatic_loss(as_field(f, x), z, _count("probes", probes), _seed(seed), float(weight), dist)

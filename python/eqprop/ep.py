@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 # ---- the standard readout ---------------------------------------------------------------------------
 
+
 class CrossEntropyReadout(nn.Module):
     """ℓ(z) = mean cross-entropy of ``head(ln(z))`` against ``targets`` (positions equal to
     ``ignore_index`` have no target), the readout of ``EquilibriumLM``; EP computes its ∂ℓ/∂z in C++.
@@ -67,8 +68,9 @@ class CrossEntropyReadout(nn.Module):
         if not isinstance(head, nn.Linear):
             raise TypeError(f"head must be an nn.Linear, got {type(head).__name__}")
         if head.in_features != ln.normalized_shape[0]:
-            raise ValueError(f"head.in_features ({head.in_features}) must equal the LayerNorm width "
-                             f"({ln.normalized_shape[0]})")
+            raise ValueError(
+                f"head.in_features ({head.in_features}) must equal the LayerNorm width ({ln.normalized_shape[0]})"
+            )
         if not isinstance(targets, Tensor) or targets.dim() != 2 or targets.dtype != torch.long:
             got = f"{targets.dtype} {tuple(targets.shape)}" if isinstance(targets, Tensor) else type(targets).__name__
             raise ValueError(f"targets must be an int64 tensor [B, T], got {got}")
@@ -92,8 +94,9 @@ class CrossEntropyReadout(nn.Module):
         """ℓ(z): z [B, T, C] (real or complex) -> scalar mean cross-entropy (nats)."""
         if not z.is_complex():
             logits = self.head(self.ln(z))  # [B, T, V]
-            return nn.functional.cross_entropy(logits.flatten(0, 1), self.targets.flatten(),
-                                               ignore_index=self.ignore_index)
+            return nn.functional.cross_entropy(
+                logits.flatten(0, 1), self.targets.flatten(), ignore_index=self.ignore_index
+            )
         cast = lambda t: None if t is None else t.to(z.dtype)  # noqa: E731
         zc = z - z.mean(-1, keepdim=True)
         h = zc * torch.rsqrt((zc * zc).mean(-1, keepdim=True) + self.ln.eps)
@@ -111,15 +114,20 @@ class CrossEntropyReadout(nn.Module):
     def native(self) -> "_C.CrossEntropyReadout":
         """The C++ readout with the current (detached) parameters: ``.grad(z)`` is ∂ℓ/∂z, ``.loss(z)``."""
         C = self.ln.normalized_shape[0]
-        w = self.ln.weight.detach() if self.ln.weight is not None else torch.ones(
-            C, dtype=self.head.weight.dtype, device=self.head.weight.device)
+        w = (
+            self.ln.weight.detach()
+            if self.ln.weight is not None
+            else torch.ones(C, dtype=self.head.weight.dtype, device=self.head.weight.device)
+        )
         b = self.ln.bias.detach() if self.ln.bias is not None else None
         hb = self.head.bias.detach() if self.head.bias is not None else None
-        return _C.CrossEntropyReadout(w, b, self.head.weight.detach(), hb, self.targets, self.ignore_index,
-                                      float(self.ln.eps))
+        return _C.CrossEntropyReadout(
+            w, b, self.head.weight.detach(), hb, self.targets, self.ignore_index, float(self.ln.eps)
+        )
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
+
 
 def _loss_grad_callback(loss_fn: Callable, points: int, complex_: bool) -> Callable[[Tensor], Tensor]:
     """∂ℓ/∂z of a Python loss at stacked states [P·B, ...]: ℓ of each block of B rows, one backward;
@@ -135,17 +143,24 @@ def _loss_grad_callback(loss_fn: Callable, points: int, complex_: bool) -> Calla
                     if not isinstance(loss, Tensor) or loss.numel() != 1:
                         raise ValueError("loss_fn(z) must return a scalar tensor")
                     if complex_ and not loss.is_complex():
-                        raise TypeError(f"loss_fn returned a real {loss.dtype} loss for complex z; holomorphic EP "
-                                        "needs its holomorphic extension (complex in, complex out)")
+                        raise TypeError(
+                            f"loss_fn returned a real {loss.dtype} loss for complex z; holomorphic EP "
+                            "needs its holomorphic extension (complex in, complex out)"
+                        )
                     total = loss if total is None else total + loss
-                (g,) = torch.autograd.grad(total.reshape(()), zr, grad_outputs=torch.ones((), dtype=total.dtype,
-                                                                                        device=total.device),
-                                           allow_unused=True)
+                (g,) = torch.autograd.grad(
+                    total.reshape(()),
+                    zr,
+                    grad_outputs=torch.ones((), dtype=total.dtype, device=total.device),
+                    allow_unused=True,
+                )
         except (RuntimeError, TypeError) as err:
             if not complex_:
                 raise
-            raise TypeError(f"loss_fn failed on complex input: holomorphic EP (n_points >= 3) evaluates it at "
-                            f"complex z and needs its holomorphic extension ({type(err).__name__}: {err})") from err
+            raise TypeError(
+                f"loss_fn failed on complex input: holomorphic EP (n_points >= 3) evaluates it at "
+                f"complex z and needs its holomorphic extension ({type(err).__name__}: {err})"
+            ) from err
         if g is None:
             g = torch.zeros_like(zr)
         return g.conj().resolve_conj() if g.is_complex() else g
@@ -164,21 +179,27 @@ def _check_holomorphic(fn: Callable[[Tensor], Tensor], z: Tensor, what: str) -> 
         with torch.no_grad():
             outs = [fn(z + s * h * v) for s in (1, -1, 1j, -1j)]
     except Exception as err:  # noqa: BLE001 - reported with the callable's name, original chained
-        raise TypeError(f"{what} failed on complex input: holomorphic EP (n_points >= 3) evaluates it at complex "
-                        f"states and needs its holomorphic extension (cast real weights to z.dtype; no abs, conj, "
-                        f".real) ({type(err).__name__}: {err})") from err
+        raise TypeError(
+            f"{what} failed on complex input: holomorphic EP (n_points >= 3) evaluates it at complex "
+            f"states and needs its holomorphic extension (cast real weights to z.dtype; no abs, conj, "
+            f".real) ({type(err).__name__}: {err})"
+        ) from err
     for o in outs:
         if not isinstance(o, Tensor) or not o.is_complex():
             got = o.dtype if isinstance(o, Tensor) else type(o).__name__
-            raise TypeError(f"{what} returned {got} for complex input: holomorphic EP needs its holomorphic "
-                            "extension (complex in, complex out; no abs, .real or .imag)")
+            raise TypeError(
+                f"{what} returned {got} for complex input: holomorphic EP needs its holomorphic "
+                "extension (complex in, complex out; no abs, .real or .imag)"
+            )
     a, b = outs[0] - outs[1], outs[2] - outs[3]
     scale = float(a.abs().max())
     mismatch = float((b - 1j * a).abs().max())
     if scale > 0 and mismatch > (1e-5 if double else 1e-2) * scale:
-        raise TypeError(f"{what} is not holomorphic (the Cauchy–Riemann check fails: relative mismatch "
-                        f"{mismatch / scale:.2g}); holomorphic EP needs its holomorphic extension: no abs, conj, "
-                        ".real/.imag, or functions of |z|")
+        raise TypeError(
+            f"{what} is not holomorphic (the Cauchy–Riemann check fails: relative mismatch "
+            f"{mismatch / scale:.2g}); holomorphic EP needs its holomorphic extension: no abs, conj, "
+            ".real/.imag, or functions of |z|"
+        )
 
 
 def _t2_list(t2: Union[int, Sequence[int]]) -> list[int]:
@@ -244,11 +265,23 @@ class EP:
     Example: ``est = EP(0.05, n_points=4, correction="tracking").grad(block, x, readout); est.apply_to(block)``
     """
 
-    def __init__(self, beta: float, *, n_points: int = 2, correction: Optional[str] = None,
-                 t2: Union[int, Sequence[int]] = 40, gate: Optional[float] = None,
-                 conjugate_shortcut: bool = True, **relax_options):
+    def __init__(
+        self,
+        beta: float,
+        *,
+        n_points: int = 2,
+        correction: Optional[str] = None,
+        t2: Union[int, Sequence[int]] = 40,
+        gate: Optional[float] = None,
+        conjugate_shortcut: bool = True,
+        **relax_options,
+    ):
         if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-            kind = "complex (the complex points come from n_points >= 3)" if isinstance(beta, complex) else type(beta).__name__
+            kind = (
+                "complex (the complex points come from n_points >= 3)"
+                if isinstance(beta, complex)
+                else type(beta).__name__
+            )
             raise TypeError(f"beta must be a real number > 0 (the radius r for n_points >= 3), got {kind}")
         if not (math.isfinite(float(beta)) and float(beta) > 0):
             raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
@@ -257,8 +290,10 @@ class EP:
         if correction not in _CORRECTIONS:
             raise ValueError(f"correction must be one of None, 'frozen', 'tracking', got {correction!r}")
         if correction == "tracking" and n_points < 2:
-            raise ValueError("correction='tracking' needs n_points >= 2 (the common mode of one nudged state is "
-                             "the state itself); use correction='frozen' for one-sided EP")
+            raise ValueError(
+                "correction='tracking' needs n_points >= 2 (the common mode of one nudged state is "
+                "the state itself); use correction='frozen' for one-sided EP"
+            )
         if gate is not None and (isinstance(gate, bool) or not isinstance(gate, numbers.Real) or not gate > 0):
             raise ValueError(f"gate must be None or a number > 0, got {gate!r}")
         if not isinstance(conjugate_shortcut, bool):
@@ -273,8 +308,10 @@ class EP:
         self.points = _C.ep_points(self.n_points, self.beta, conjugate_shortcut)
 
     def __repr__(self) -> str:
-        return (f"EP(beta={self.beta}, n_points={self.n_points}, correction={self.correction!r}, "
-                f"t2={self.t2 if len(self.t2) > 1 else self.t2[0]}, gate={self.gate})")
+        return (
+            f"EP(beta={self.beta}, n_points={self.n_points}, correction={self.correction!r}, "
+            f"t2={self.t2 if len(self.t2) > 1 else self.t2[0]}, gate={self.gate})"
+        )
 
     def grad(self, f: Any, x: Optional[Tensor], loss_fn: Callable, *, z0: Optional[Tensor] = None) -> Estimate:
         """The EP estimate of the gradient of ``loss_fn(z*)`` for every parameter of the field f (and,
@@ -290,8 +327,10 @@ class EP:
             raise TypeError(f"loss_fn must be callable as loss_fn(z) -> scalar, got {type(loss_fn).__name__}")
         if x is not None and isinstance(x, Tensor):
             if x.is_complex():
-                raise ValueError("EP needs a real field: x must be real (holomorphic EP makes the complex "
-                                 f"extension itself), got {x.dtype}")
+                raise ValueError(
+                    "EP needs a real field: x must be real (holomorphic EP makes the complex "
+                    f"extension itself), got {x.dtype}"
+                )
             x = x.detach()
         opts = self.relax_options
         fld = as_field(f, x)
@@ -300,9 +339,17 @@ class EP:
             raise ValueError(f"EP needs a real field: the free phase returned a {z_star.dtype} state")
         loss, _, readout_grads = _loss_and_cotangent(loss_fn, z_star)
         names, params = _field_params(fld)
-        stats = {"forward": info, "nudged": [], "t2": None, "t2_residual": {}, "skipped": False,
-                 "beta_points": list(self.points["beta"]), "n_points": self.n_points,
-                 "correction": self.correction, "n_evals": 0}
+        stats = {
+            "forward": info,
+            "nudged": [],
+            "t2": None,
+            "t2_residual": {},
+            "skipped": False,
+            "beta_points": list(self.points["beta"]),
+            "n_points": self.n_points,
+            "correction": self.correction,
+            "n_evals": 0,
+        }
 
         free_residual = info.rel_max if opts.stop == "rel" else info.abs_max
         if self.gate is not None and not free_residual <= self.gate:
@@ -317,17 +364,36 @@ class EP:
         native = isinstance(loss_fn, CrossEntropyReadout)
         loss_grad = loss_fn.native() if native else _loss_grad_callback(loss_fn, P, complex_)
         if complex_:
-            z_probe = z_star.detach().repeat(P, *([1] * (z_star.dim() - 1))).to(
-                torch.complex128 if z_star.dtype == torch.float64 else torch.complex64)
+            z_probe = (
+                z_star.detach()
+                .repeat(P, *([1] * (z_star.dim() - 1)))
+                .to(torch.complex128 if z_star.dtype == torch.float64 else torch.complex64)
+            )
             if not isinstance(stacked, _C.BlockField):
                 _check_holomorphic(stacked.eval, z_probe, f"the field f ({type(f).__name__})")
             if not native:
-                _check_holomorphic(lambda z: torch.stack([loss_fn(b) for b in z.chunk(P)]), z_probe,
-                                   f"loss_fn ({type(loss_fn).__name__})")
+                _check_holomorphic(
+                    lambda z: torch.stack([loss_fn(b) for b in z.chunk(P)]),
+                    z_probe,
+                    f"loss_fn ({type(loss_fn).__name__})",
+                )
 
-        res = _C.ep_grads(fld, stacked, z_star, self.n_points, self.beta, self.conjugate_shortcut, loss_grad,
-                          float(opts.eps), float(opts.tol), float(opts.divergence), bool(opts.trace),
-                          int(opts.check_every), self.t2, self.correction or "none")
+        res = _C.ep_grads(
+            fld,
+            stacked,
+            z_star,
+            self.n_points,
+            self.beta,
+            self.conjugate_shortcut,
+            loss_grad,
+            float(opts.eps),
+            float(opts.tol),
+            float(opts.divergence),
+            bool(opts.trace),
+            int(opts.check_every),
+            self.t2,
+            self.correction or "none",
+        )
         field_grads = {n: (pg.real if pg.is_complex() else pg) for n, pg in zip(names, res["param_grads"])}
         for n, p in zip(names, params):  # frozen parameters get zero, as in Implicit
             if not p.requires_grad:
@@ -336,10 +402,17 @@ class EP:
         status = res["status"].view(P, B)
         for k in range(P):
             rows = slice(k * B, (k + 1) * B)
-            stats["nudged"].append(RelaxInfo(
-                steps=res["steps"][rows], abs_lowest=res["abs_residual"][rows], rel_lowest=res["rel_residual"][rows],
-                trace_abs=res["trace_abs"][:, rows], trace_rel=res["trace_rel"][:, rows], status=status[k],
-                n_evals=int(res["n_evals"])))
+            stats["nudged"].append(
+                RelaxInfo(
+                    steps=res["steps"][rows],
+                    abs_lowest=res["abs_residual"][rows],
+                    rel_lowest=res["rel_residual"][rows],
+                    trace_abs=res["trace_abs"][:, rows],
+                    trace_rel=res["trace_rel"][:, rows],
+                    status=status[k],
+                    n_evals=int(res["n_evals"]),
+                )
+            )
         stats["t2"] = int(res["t2"][res["chosen"]])
         stats["t2_residual"] = dict(zip((int(t) for t in res["t2"]), (float(r) for r in res["snapshot_residual"])))
         stats["n_evals"] = int(res["n_evals"])

@@ -1,4 +1,4 @@
-"""Gradient estimators for fixed points (DESIGN.md §5): one interface, ``.grad(f, x, loss_fn)``.
+"""Gradient estimators for fixed points (docs/design.md §5): one interface, ``.grad(f, x, loss_fn)``.
 
 An estimator relaxes to z* = F(z*; x), evaluates ``loss_fn(z*)`` and returns an :class:`Estimate`
 with a gradient for every trainable parameter of the field (names as the field gives them) and,
@@ -6,9 +6,10 @@ when ``loss_fn`` is an ``nn.Module`` (a readout head), for its parameters under 
 (readout parameters get their gradient directly). Gradients follow autograd's convention (what
 ``p.grad`` would hold), also for complex parameters.
 
-The Equilibrium Propagation estimators (one-sided / symmetric / holomorphic / asymmetric EP) will
-share this interface; their nudged phases are relaxations with an additive drive
-(``eqprop.relax(..., drive=d)``), d(z) = -β ∂ℓ/∂z + c(z), complex β included.
+:class:`Implicit` and :class:`BPTT` are here; the Equilibrium Propagation family (one-sided /
+symmetric / holomorphic / asymmetric EP) is :class:`EP` (``eqprop.ep``, docs/ep.md), with the same
+interface. Averaging an estimate over several batches is gradient accumulation in the training loop,
+not an estimator option.
 """
 
 from __future__ import annotations
@@ -19,8 +20,18 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import _C
-from .solvers import (RelaxOptions, _adjoint_unconverged, _backward_options, _forward_unconverged,
-                      _initial_state, _int_option, _relax, _report, _warn_unreachable_tol, as_field)
+from .solvers import (
+    RelaxOptions,
+    _adjoint_unconverged,
+    _backward_options,
+    _forward_unconverged,
+    _initial_state,
+    _int_option,
+    _relax,
+    _report,
+    _warn_unreachable_tol,
+    as_field,
+)
 
 __all__ = ["Estimate", "Implicit", "BPTT"]
 
@@ -61,18 +72,22 @@ def _loss_and_cotangent(loss_fn: Callable, z_star: torch.Tensor):
     """ℓ(z*), ∂ℓ/∂z* (autograd convention) and the readout gradients."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(z) -> scalar, got {type(loss_fn).__name__}")
-    readout = ([(n, p) for n, p in loss_fn.named_parameters() if p.requires_grad]
-               if isinstance(loss_fn, torch.nn.Module) else [])
+    readout = (
+        [(n, p) for n, p in loss_fn.named_parameters() if p.requires_grad]
+        if isinstance(loss_fn, torch.nn.Module)
+        else []
+    )
     zr = z_star.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = loss_fn(zr)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError(f"loss_fn(z) must return a scalar tensor, got "
-                             f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+            raise ValueError(
+                f"loss_fn(z) must return a scalar tensor, got "
+                f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}"
+            )
         grads = torch.autograd.grad(loss, [zr] + [p for _, p in readout], allow_unused=True)
     g = grads[0] if grads[0] is not None else torch.zeros_like(zr)
-    ro = {f"readout.{n}": (gr if gr is not None else torch.zeros_like(p))
-          for (n, p), gr in zip(readout, grads[1:])}
+    ro = {f"readout.{n}": (gr if gr is not None else torch.zeros_like(p)) for (n, p), gr in zip(readout, grads[1:])}
     return loss.detach(), g, ro
 
 
@@ -86,7 +101,7 @@ def _autograd_convention(plain: torch.Tensor, param: torch.Tensor) -> torch.Tens
 
 class Implicit:
     """Implicit differentiation (recurrent backprop): ∇θL = (∂F/∂θ)ᵀλ, (I - Jᵀ)λ = ∂ℓ/∂z*,
-    with λ <- Jᵀλ + ∂ℓ/∂z* in C++ (DESIGN.md §5).
+    with λ <- Jᵀλ + ∂ℓ/∂z* in C++ (docs/design.md §5).
 
     ``Implicit(backward_max_steps=None, backward_tol=None, backward_solver="picard",
     backward_anderson_m=5, **relax_options)`` (None: the forward ``max_steps`` / ``tol``;
@@ -99,14 +114,23 @@ class Implicit:
     Example: ``est = Implicit(tol=1e-8).grad(layer, x, lambda z: z.square().mean())``.
     """
 
-    def __init__(self, *, backward_max_steps: Optional[int] = None, backward_tol: Optional[float] = None,
-                 backward_solver: str = "picard", backward_anderson_m: int = 5, **relax_options):
+    def __init__(
+        self,
+        *,
+        backward_max_steps: Optional[int] = None,
+        backward_tol: Optional[float] = None,
+        backward_solver: str = "picard",
+        backward_anderson_m: int = 5,
+        **relax_options,
+    ):
         self.relax_options = RelaxOptions.from_kwargs("Implicit", relax_options)
-        self.backward = _backward_options(backward_max_steps, backward_tol, backward_solver,
-                                          backward_anderson_m, self.relax_options)
+        self.backward = _backward_options(
+            backward_max_steps, backward_tol, backward_solver, backward_anderson_m, self.relax_options
+        )
 
-    def grad(self, f: Any, x: Optional[torch.Tensor], loss_fn: Callable, *,
-             z0: Optional[torch.Tensor] = None) -> Estimate:
+    def grad(
+        self, f: Any, x: Optional[torch.Tensor], loss_fn: Callable, *, z0: Optional[torch.Tensor] = None
+    ) -> Estimate:
         fld = as_field(f, x)
         opts, bo = self.relax_options, self.backward
         start = _initial_state(x, z0)
@@ -125,15 +149,20 @@ class Implicit:
         info.backward = backward
         # One report for both phases (docs/design.md §5: an adjoint stopped above tol gives a
         # gradient off by about its residual).
-        _report("Implicit.grad", [forward_msg, _adjoint_unconverged(res, bo, opts.on_nonconvergence)],
-                opts.on_nonconvergence, info)
-        return Estimate(loss=loss, grads={**field_grads, **grads}, z=z_star.detach(),
-                        stats={"forward": info, "backward": backward})
+        _report(
+            "Implicit.grad",
+            [forward_msg, _adjoint_unconverged(res, bo, opts.on_nonconvergence)],
+            opts.on_nonconvergence,
+            info,
+        )
+        return Estimate(
+            loss=loss, grads={**field_grads, **grads}, z=z_star.detach(), stats={"forward": info, "backward": backward}
+        )
 
 
 class BPTT:
     """Truncated backprop through time: relax to z*, then backprop through ``horizon`` damped Picard
-    steps from z* (DESIGN.md §5); converges to :class:`Implicit` as the horizon grows.
+    steps from z* (docs/design.md §5); converges to :class:`Implicit` as the horizon grows.
 
     ``BPTT(horizon, **relax_options)``; ``on_nonconvergence`` as in :class:`Implicit` (forward
     relaxation only: BPTT has no adjoint solve). Example: ``BPTT(20).grad(layer, x, loss_fn).grads``.
@@ -145,8 +174,9 @@ class BPTT:
         self.horizon = int(horizon)
         self.relax_options = RelaxOptions.from_kwargs("BPTT", relax_options)
 
-    def grad(self, f: Any, x: Optional[torch.Tensor], loss_fn: Callable, *,
-             z0: Optional[torch.Tensor] = None) -> Estimate:
+    def grad(
+        self, f: Any, x: Optional[torch.Tensor], loss_fn: Callable, *, z0: Optional[torch.Tensor] = None
+    ) -> Estimate:
         fld = as_field(f, x)
         opts = self.relax_options
         start = _initial_state(x, z0)
@@ -154,8 +184,11 @@ class BPTT:
         z_star, info = _relax(fld, start, opts)
         _report("BPTT.grad", [_forward_unconverged(info, opts)], opts.on_nonconvergence, info)
         names, params = _field_params(fld)
-        readout = ([(n, p) for n, p in loss_fn.named_parameters() if p.requires_grad]
-                   if isinstance(loss_fn, torch.nn.Module) else [])
+        readout = (
+            [(n, p) for n, p in loss_fn.named_parameters() if p.requires_grad]
+            if isinstance(loss_fn, torch.nn.Module)
+            else []
+        )
         with torch.enable_grad():
             z = _C.unroll(fld, z_star.detach(), self.horizon, float(self.relax_options.eps))
             loss = loss_fn(z)
@@ -165,9 +198,11 @@ class BPTT:
             gs = [next(live_grads) if p.requires_grad else None for p in wrt]
         gs = [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, wrt)]
         grads = dict(zip(names, gs[: len(names)]))
-        grads.update({f"readout.{n}": g for (n, _), g in zip(readout, gs[len(names):])})
-        return Estimate(loss=loss.detach(), grads=grads, z=z_star.detach(),
-                        stats={"forward": info, "horizon": self.horizon})
+        grads.update({f"readout.{n}": g for (n, _), g in zip(readout, gs[len(names) :])})
+        return Estimate(
+            loss=loss.detach(), grads=grads, z=z_star.detach(), stats={"forward": info, "horizon": self.horizon}
+        )
+
 
 from .ep import EP  # noqa: E402  (Equilibrium Propagation, python/eqprop/ep.py)
 

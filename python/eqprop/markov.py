@@ -36,6 +36,7 @@ __all__ = [
 
 _ops = torch.ops.eqprop
 
+
 class BayesAnchor(NamedTuple):
     """A Monte-Carlo Bayes NLL anchor: ``nll`` nats per token and its standard error ``se``."""
 
@@ -116,9 +117,7 @@ def sample(
     seed = _int_arg("seed", seed)
     if not 0 <= seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    tokens, tables = _ops.markov_sample(
-        batch, k, seq_len, vocab_size, float(alpha), seed, torch.device(device), dtype
-    )
+    tokens, tables = _ops.markov_sample(batch, k, seq_len, vocab_size, float(alpha), seed, torch.device(device), dtype)
     return (tokens, tables) if return_tables else tokens
 
 
@@ -321,8 +320,15 @@ def _gap_on(model_nll: torch.Tensor, bayes: torch.Tensor, mask: torch.Tensor) ->
     return gap_pct(m, b, 0)
 
 
-def gap_breakdowns(model_nll: torch.Tensor, bayes_nll: torch.Tensor, tokens: torch.Tensor, k: int, *,
-                   vocab_size: int = 2, n_bins: int = 20) -> tuple:
+def gap_breakdowns(
+    model_nll: torch.Tensor,
+    bayes_nll: torch.Tensor,
+    tokens: torch.Tensor,
+    k: int,
+    *,
+    vocab_size: int = 2,
+    n_bins: int = 20,
+) -> tuple:
     """Where a model's gap to Bayes sits: by position and by how often the target's context was seen before.
 
     Each entry is a pooled, paired gap over a subset of the tokens ``t >= k`` (as ``gap_pct``, with its
@@ -344,8 +350,10 @@ def gap_breakdowns(model_nll: torch.Tensor, bayes_nll: torch.Tensor, tokens: tor
     Example: ``by_pos, by_visits = gap_breakdowns(model.token_nll(x), bayes_nll(x, 3), x, 3)``
     """
     if tokens.dim() != 2 or model_nll.shape != tokens.shape or bayes_nll.shape != tokens.shape:
-        raise ValueError(f"model_nll, bayes_nll and tokens must all be [B, L] of one shape, got "
-                         f"{tuple(model_nll.shape)}, {tuple(bayes_nll.shape)} and {tuple(tokens.shape)}")
+        raise ValueError(
+            f"model_nll, bayes_nll and tokens must all be [B, L] of one shape, got "
+            f"{tuple(model_nll.shape)}, {tuple(bayes_nll.shape)} and {tuple(tokens.shape)}"
+        )
     k = _int_arg("k", k)
     N, L = tokens.shape
     if not 0 < k < L:
@@ -367,6 +375,12 @@ def gap_breakdowns(model_nll: torch.Tensor, bayes_nll: torch.Tensor, tokens: tor
     for lo, hi in VISIT_BUCKETS:
         mask = (visits >= lo) & ((visits < hi) if hi is not None else True)
         gap, se = _gap_on(model_nll, bayes_nll, mask)
-        by_visits.append({"visits": [lo, hi], "frac_tokens": float(mask.double().sum() / (N * (L - k))),
-                          "gap_pct": gap, "gap_se": se})
+        by_visits.append(
+            {
+                "visits": [lo, hi],
+                "frac_tokens": float(mask.double().sum() / (N * (L - k))),
+                "gap_pct": gap,
+                "gap_se": se,
+            }
+        )
     return by_position, by_visits

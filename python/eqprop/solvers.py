@@ -1,4 +1,4 @@
-"""Relaxation to a fixed point and differentiable fixed points (DESIGN.md §4, §5).
+"""Relaxation to a fixed point and differentiable fixed points (docs/design.md §4, §5).
 
 Every function takes the vector field ``f`` in one of three forms:
 
@@ -31,8 +31,18 @@ import torch
 
 from . import _C
 
-__all__ = ["RelaxOptions", "BackwardOptions", "RelaxInfo", "as_field", "relax", "fixed_point", "STATUS_NAMES",
-           "NonConvergenceWarning", "NonConvergenceError", "min_rel_tol"]
+__all__ = [
+    "RelaxOptions",
+    "BackwardOptions",
+    "RelaxInfo",
+    "as_field",
+    "relax",
+    "fixed_point",
+    "STATUS_NAMES",
+    "NonConvergenceWarning",
+    "NonConvergenceError",
+    "min_rel_tol",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +95,7 @@ RelaxOptions = _C.RelaxOptions
 
 @dataclass
 class RelaxInfo:
-    """Per-sample statistics of a relaxation (TorchDEQ convention; DESIGN.md §4).
+    """Per-sample statistics of a relaxation (TorchDEQ convention; docs/design.md §4).
 
     steps [B] (int64): F evaluations until the sample stopped; abs_lowest / rel_lowest [B]: the abs
     and rel residual of the returned (lowest-residual, by ``stop``) iterate; trace_abs / trace_rel
@@ -113,12 +123,12 @@ class RelaxInfo:
 
     @property
     def abs_max(self) -> float:
-        """Batch max of the abs residual of the returned iterates (DESIGN.md §4)."""
+        """Batch max of the abs residual of the returned iterates (docs/design.md §4)."""
         return float(self.abs_lowest.max())
 
     @property
     def rel_max(self) -> float:
-        """Batch max of the rel residual of the returned iterates (DESIGN.md §4)."""
+        """Batch max of the rel residual of the returned iterates (docs/design.md §4)."""
         return float(self.rel_lowest.max())
 
     @property
@@ -151,8 +161,10 @@ def as_field(f: Any, x: Optional[torch.Tensor]) -> "_C.VectorField":
     if isinstance(f, _C.VectorField):
         return f
     if x is None:
-        raise ValueError(f"x must be a tensor (the injection, [B, ...]) when f is a {type(f).__name__}, got None; "
-                         "only an eqprop._C.VectorField handle carries its own x")
+        raise ValueError(
+            f"x must be a tensor (the injection, [B, ...]) when f is a {type(f).__name__}, got None; "
+            "only an eqprop._C.VectorField handle carries its own x"
+        )
     if x is not None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -160,12 +172,15 @@ def as_field(f: Any, x: Optional[torch.Tensor]) -> "_C.VectorField":
     if hasattr(f, "vector_field") and callable(f.vector_field):
         fld = f.vector_field(x)
         if not isinstance(fld, _C.VectorField):
-            raise TypeError(f"{type(f).__name__}.vector_field(x) must return an eqprop._C.VectorField, "
-                            f"got {type(fld).__name__}")
+            raise TypeError(
+                f"{type(f).__name__}.vector_field(x) must return an eqprop._C.VectorField, got {type(fld).__name__}"
+            )
         return fld
     if not callable(f):
-        raise TypeError(f"f must be an eqprop._C.VectorField, an object with .vector_field(x), or a "
-                        f"callable f(z, x); got {type(f).__name__}")
+        raise TypeError(
+            f"f must be an eqprop._C.VectorField, an object with .vector_field(x), or a "
+            f"callable f(z, x); got {type(f).__name__}"
+        )
     names, params = _module_params(f)
     return _C.ModuleField(f, x, names, params)
 
@@ -185,9 +200,16 @@ def _initial_state(x: Optional[torch.Tensor], z0: Optional[torch.Tensor]) -> tor
 
 
 def _info(d: dict) -> RelaxInfo:
-    return RelaxInfo(steps=d["steps"], abs_lowest=d["abs_residual"], rel_lowest=d["rel_residual"],
-                     trace_abs=d["trace_abs"], trace_rel=d["trace_rel"], status=d["status"],
-                     n_evals=int(d["n_evals"]), cuda_graph=bool(d["cuda_graph"]))
+    return RelaxInfo(
+        steps=d["steps"],
+        abs_lowest=d["abs_residual"],
+        rel_lowest=d["rel_residual"],
+        trace_abs=d["trace_abs"],
+        trace_rel=d["trace_rel"],
+        status=d["status"],
+        n_evals=int(d["n_evals"]),
+        cuda_graph=bool(d["cuda_graph"]),
+    )
 
 
 def _int_option(name: str, v) -> int:
@@ -202,6 +224,7 @@ def _int_option(name: str, v) -> int:
 
 
 # ---- non-convergence policy (docs/design.md §4) ------------------------------------------------------
+
 
 def min_rel_tol(dtype: torch.dtype) -> float:
     """The smallest relative tolerance that a state of ``dtype`` can be relied on to reach:
@@ -221,8 +244,9 @@ def min_rel_tol(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype.to_real()).eps)
 
 
-def _warn_unreachable_tol(where: str, dtype: torch.dtype, opts: RelaxOptions,
-                          backward_tol: Optional[float] = None, stacklevel: int = 3) -> None:
+def _warn_unreachable_tol(
+    where: str, dtype: torch.dtype, opts: RelaxOptions, backward_tol: Optional[float] = None, stacklevel: int = 3
+) -> None:
     """Warn before relaxing when a relative tolerance is below the dtype's resolution (then every
     sample would run to max_steps and end with status max_steps)."""
     if opts.on_nonconvergence == "ignore" or not (dtype.is_floating_point or dtype.is_complex):
@@ -238,7 +262,9 @@ def _warn_unreachable_tol(where: str, dtype: torch.dtype, opts: RelaxOptions,
             f"{where}: {' and '.join(low)} is below what {dtype} resolves (its eps = {floor:.1e}: relative "
             f"residuals bottom out near it, see eqprop.solvers.min_rel_tol), so samples will likely run to "
             f"max_steps; use tol >= {2 * floor:.1e}, or tol=0 for exactly max_steps steps",
-            NonConvergenceWarning, stacklevel=stacklevel)
+            NonConvergenceWarning,
+            stacklevel=stacklevel,
+        )
 
 
 def _unconverged(phase: str, status: torch.Tensor, residual: torch.Tensor, tol: float, what: str) -> Optional[str]:
@@ -252,10 +278,13 @@ def _unconverged(phase: str, status: torch.Tensor, residual: torch.Tensor, tol: 
     n_div = int((status == 2).sum())
     r = residual[bad].double()
     worst = float("nan") if bool(r.isnan().any()) else float(r.max())
-    kinds = ", ".join(k for k in (f"{n_bad - n_div} at max_steps" if n_bad > n_div else "",
-                                  f"{n_div} diverged" if n_div else "") if k)
-    return (f"the {phase} did not converge for {n_bad} of {status.numel()} samples ({kinds}); "
-            f"worst {what} residual {worst:.2e} > tol {tol:g}")
+    kinds = ", ".join(
+        k for k in (f"{n_bad - n_div} at max_steps" if n_bad > n_div else "", f"{n_div} diverged" if n_div else "") if k
+    )
+    return (
+        f"the {phase} did not converge for {n_bad} of {status.numel()} samples ({kinds}); "
+        f"worst {what} residual {worst:.2e} > tol {tol:g}"
+    )
 
 
 def _forward_unconverged(info: "RelaxInfo", opts: RelaxOptions) -> Optional[str]:
@@ -276,9 +305,11 @@ def _report(where: str, parts: list, mode: str, info: Optional["RelaxInfo"], sta
     parts = [p for p in parts if p]
     if not parts or mode == "ignore":
         return
-    msg = (f"{where}: " + "; ".join(parts) + ". Per-sample status and residuals are in the returned info; "
-           "give more steps (max_steps / backward_max_steps), damping (eps < 1) or solver='anderson', make the "
-           "field contractive, or pass on_nonconvergence='ignore' where this is expected")
+    msg = (
+        f"{where}: " + "; ".join(parts) + ". Per-sample status and residuals are in the returned info; "
+        "give more steps (max_steps / backward_max_steps), damping (eps < 1) or solver='anderson', make the "
+        "field contractive, or pass on_nonconvergence='ignore' where this is expected"
+    )
     if mode == "raise":
         raise NonConvergenceError(msg, info)
     warnings.warn(msg, NonConvergenceWarning, stacklevel=stacklevel + 1)
@@ -290,10 +321,15 @@ def _relax(fld, z0: torch.Tensor, opts: RelaxOptions, drive=None) -> tuple[torch
     return d["z"], _info(d)
 
 
-def relax(f: Any, x: Optional[torch.Tensor], *, z0: Optional[torch.Tensor] = None,
-          drive: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, **options,
-          ) -> tuple[torch.Tensor, RelaxInfo]:
-    """Relax to the fixed point z* = F(z*; x) (DESIGN.md §4), never differentiated through.
+def relax(
+    f: Any,
+    x: Optional[torch.Tensor],
+    *,
+    z0: Optional[torch.Tensor] = None,
+    drive: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    **options,
+) -> tuple[torch.Tensor, RelaxInfo]:
+    """Relax to the fixed point z* = F(z*; x) (docs/design.md §4), never differentiated through.
 
     Damped Picard ``z <- z + eps (F(z) - z)`` or type-II Anderson (``anderson_m`` history,
     regularization ``anderson_reg``, mixing ``eps``) from ``z0`` (default zeros like x).
@@ -303,7 +339,7 @@ def relax(f: Any, x: Optional[torch.Tensor], *, z0: Optional[torch.Tensor] = Non
     ``max_steps`` evaluated ones, z_0 ... z_{T-1}); ``info`` is a
     :class:`RelaxInfo`. Divergence is reported per sample in ``info.status``, never raised.
     ``drive(z)`` (optional, [B, ...] -> [B, ...]) is added to F: the relaxation then follows
-    dz/dt = F(z) + drive(z) - z, the nudged phase of EP with drive = -β ∂ℓ/∂z + c(z) (DESIGN.md §5);
+    dz/dt = F(z) + drive(z) - z, the nudged phase of EP with drive = -β ∂ℓ/∂z + c(z) (docs/design.md §5);
     residuals are those of the driven field. ``check_every``, ``cuda_graph`` and
     ``on_nonconvergence`` (samples that end above ``tol``: one :class:`NonConvergenceWarning`
     per call by default, ``"raise"``: :class:`NonConvergenceError`, ``"ignore"``): see
@@ -356,7 +392,7 @@ def _backward_options(max_steps, tol, solver, anderson_m, opts: RelaxOptions) ->
 def _adjoint_hook(fld, z_star: torch.Tensor, bo: BackwardOptions, info: RelaxInfo, mode: str) -> Callable:
     def hook(g: torch.Tensor) -> torch.Tensor:
         # Autograd hands the conjugate (Wirtinger) cotangent for complex z; the engine solves with
-        # the plain transpose: λ = conj(λ_plain(conj g)) solves λ = Jᴴλ + g (DESIGN.md §5).
+        # the plain transpose: λ = conj(λ_plain(conj g)) solves λ = Jᴴλ + g (docs/design.md §5).
         gp = g.conj().resolve_conj() if g.is_complex() else g
         res = _C.adjoint_solve(fld, z_star, gp, bo.max_steps, bo.tol, bo.solver, bo.anderson_m, bo.eps)
         info.backward.update({k: v for k, v in res.items() if k != "lambda"})
@@ -371,11 +407,20 @@ def _adjoint_hook(fld, z_star: torch.Tensor, bo: BackwardOptions, info: RelaxInf
     return hook
 
 
-def fixed_point(f: Any, x: Optional[torch.Tensor], *, backward: str = "implicit",
-                bptt_horizon: Optional[int] = None, backward_max_steps: Optional[int] = None,
-                backward_tol: Optional[float] = None, backward_solver: str = "picard",
-                backward_anderson_m: int = 5, z0: Optional[torch.Tensor] = None,
-                return_info: bool = False, **relax_options):
+def fixed_point(
+    f: Any,
+    x: Optional[torch.Tensor],
+    *,
+    backward: str = "implicit",
+    bptt_horizon: Optional[int] = None,
+    backward_max_steps: Optional[int] = None,
+    backward_tol: Optional[float] = None,
+    backward_solver: str = "picard",
+    backward_anderson_m: int = 5,
+    z0: Optional[torch.Tensor] = None,
+    return_info: bool = False,
+    **relax_options,
+):
     """The fixed point z* = F(z*; x) on the autograd graph (gradients reach f's parameters and x).
 
     ``backward="implicit"``: relax without a graph, then apply F once differentiably,
@@ -383,7 +428,7 @@ def fixed_point(f: Any, x: Optional[torch.Tensor], *, backward: str = "implicit"
     adjoint iteration λ <- Jᵀλ + g in C++ (``backward_solver="anderson"`` accelerates it;
     ``backward_max_steps`` VJPs, ``backward_tol`` on ``||Jᵀλ + g - λ|| / ||Jᵀλ + g||``; default:
     the forward ``max_steps`` and ``tol``), so autograd continues with (∂F/∂θ)ᵀλ and (∂F/∂x)ᵀλ
-    (DESIGN.md §5).
+    (docs/design.md §5).
     ``backward="bptt"``: relax, then ``bptt_horizon`` damped Picard steps from z* on the graph
     (truncated BPTT); ``bptt_horizon=None`` backpropagates through ``max_steps`` steps from z0.
     ``relax_options`` are those of :func:`relax`. Returns z [B, ...] (and the :class:`RelaxInfo`

@@ -29,8 +29,10 @@ def next_token_nll(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     Example: ``next_token_nll(torch.zeros(1, 5, 2), x)  # all ln 2``
     """
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be [B, L, V] and tokens [B, L] of the same B, L; got {tuple(logits.shape)} "
-                         f"and {tuple(tokens.shape)}")
+        raise ValueError(
+            f"logits must be [B, L, V] and tokens [B, L] of the same B, L; got {tuple(logits.shape)} "
+            f"and {tuple(tokens.shape)}"
+        )
     B, L, V = logits.shape
     logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     nll = F.cross_entropy(logits.reshape(-1, V), tokens[:, 1:].reshape(-1), reduction="none")

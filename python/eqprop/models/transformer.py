@@ -180,9 +180,17 @@ class Transformer(nn.Module):
             raise ValueError(f"rope needs an even head dimension, got d_model/n_head = {d_model // n_head}")
         if pos_enc == "sinusoidal" and d_model % 2:
             raise ValueError(f"sinusoidal positions need an even d_model, got {d_model}")
-        self.config = dict(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, d_model=d_model,
-                           mlp_ratio=mlp_ratio, max_len=max_len, pos_enc=pos_enc,
-                           grad_checkpointing=grad_checkpointing, rope_base=rope_base)
+        self.config = dict(
+            vocab_size=vocab_size,
+            n_layer=n_layer,
+            n_head=n_head,
+            d_model=d_model,
+            mlp_ratio=mlp_ratio,
+            max_len=max_len,
+            pos_enc=pos_enc,
+            grad_checkpointing=grad_checkpointing,
+            rope_base=rope_base,
+        )
         self.vocab_size, self.pos_enc, self.max_len = vocab_size, pos_enc, max_len
         self.grad_checkpointing = grad_checkpointing
         self.tok_emb = nn.Embedding(vocab_size, d_model)
@@ -215,8 +223,10 @@ class Transformer(nn.Module):
         x = self.tok_emb(tokens)  # [B, L, C]
         if self.pos_enc == "learned":
             if L > self.max_len:
-                raise ValueError(f"sequence length {L} exceeds max_len={self.max_len} of the learned "
-                                 "positional embedding; build the model with a larger max_len")
+                raise ValueError(
+                    f"sequence length {L} exceeds max_len={self.max_len} of the learned "
+                    "positional embedding; build the model with a larger max_len"
+                )
             x = x + self.pos_emb.weight[:L]
         elif self.pos_enc == "sinusoidal":
             x = x + sinusoidal_table(L, x.shape[-1], base=self.config["rope_base"], device=x.device).to(x.dtype)

@@ -1,4 +1,4 @@
-"""Plain PyTorch twin of the equilibrium transformer block (DESIGN.md §4): the test oracle and the
+"""Plain PyTorch twin of the equilibrium transformer block (docs/design.md §4): the test oracle and the
 benchmark baseline for ``eqprop.EquilibriumBlock`` (whose F runs in the C++ core). Nothing else in
 the library imports it.
 
@@ -76,16 +76,32 @@ def _rope(a: Tensor, base: float) -> Tensor:
     return a * cos + torch.cat([-a2, a1], -1) * sin
 
 
-def _qk(u: Tensor, p: Mapping[str, Tensor], which: str, n_heads: int, qk_norm: bool, rope: bool,
-        rope_base: float, qk_eps: float) -> Tensor:
+def _qk(
+    u: Tensor,
+    p: Mapping[str, Tensor],
+    which: str,
+    n_heads: int,
+    qk_norm: bool,
+    rope: bool,
+    rope_base: float,
+    qk_eps: float,
+) -> Tensor:
     a = _heads(u @ p[f"{which}_weight"].T + (p[f"{which}_bias"] if f"{which}_bias" in p else 0), n_heads)
     if qk_norm:  # RMS per head vector, learnable scale shared across heads
         a = a * torch.rsqrt((a * a).mean(-1, keepdim=True) + qk_eps) * p[f"{which}_norm_weight"]
     return _rope(a, rope_base) if rope else a
 
 
-def energy(u: Tensor, p: Mapping[str, Tensor], *, n_heads: int, qk_norm: bool = True, rope: bool = False,
-           rope_base: float = 10000.0, qk_eps: float = 1e-6) -> Tensor:
+def energy(
+    u: Tensor,
+    p: Mapping[str, Tensor],
+    *,
+    n_heads: int,
+    qk_norm: bool = True,
+    rope: bool = False,
+    rope_base: float = 10000.0,
+    qk_eps: float = 1e-6,
+) -> Tensor:
     """Attention energy ``E(u) = −Σ_h (γ_h/β) Σ_t log Σ_{s≤t} exp(β q_t^h·k_s^h)``, β = 1/√d.
 
     u: [B, T, C] (post-LN1); p: effective weights by name (``q_weight``, ``k_weight``, optional
@@ -98,9 +114,17 @@ def energy(u: Tensor, p: Mapping[str, Tensor], *, n_heads: int, qk_norm: bool = 
     return -(p["energy_gain"].view(1, -1, 1) * lse).sum((1, 2)) / beta
 
 
-def attention(u: Tensor, p: Mapping[str, Tensor], *, n_heads: int, attention: str = "softmax",
-              qk_norm: bool = True, rope: bool = False, rope_base: float = 10000.0,
-              qk_eps: float = 1e-6) -> Tensor:
+def attention(
+    u: Tensor,
+    p: Mapping[str, Tensor],
+    *,
+    n_heads: int,
+    attention: str = "softmax",
+    qk_norm: bool = True,
+    rope: bool = False,
+    rope_base: float = 10000.0,
+    qk_eps: float = 1e-6,
+) -> Tensor:
     """Attention branch at u = LN1(z), [B, T, C] -> [B, T, C]; energy mode is −∇_u E(u) by autograd."""
     if attention == "energy":
         with torch.enable_grad():
@@ -124,7 +148,8 @@ def ffn(u: Tensor, p: Mapping[str, Tensor], *, ffn: str = "mlp") -> Tensor:
     """FFN branch: mlp ``W2 gelu_tanh(W1 u + b1) + b2`` or monotone ``tanh(W̃ u + b)``."""
     if ffn == "mlp":
         return _gelu_tanh(u @ p["ffn_in_weight"].T + p.get("ffn_in_bias", 0)) @ p["ffn_out_weight"].T + p.get(
-            "ffn_out_bias", 0)
+            "ffn_out_bias", 0
+        )
     if ffn == "monotone":
         return torch.tanh(u @ p["mono_W"].T + p.get("mono_bias", 0))
     raise ValueError(f'ffn must be "mlp" or "monotone", got {ffn!r}')
@@ -137,9 +162,14 @@ _attention_branch, _ffn_branch = attention, ffn  # block() takes options of the 
 _SPECTRAL = tuple(row["name"] for row in _C.block_param_table() if row["spectral"])
 
 
-def effective_weights(params: Mapping[str, Tensor], *, spectral_rho: Optional[float] = None,
-                      sn_u: Optional[Mapping[str, Tensor]] = None, monotone_m: float = 0.1) -> dict:
-    """The weights F uses, from raw parameters (DESIGN.md §4, csrc/block/block.h):
+def effective_weights(
+    params: Mapping[str, Tensor],
+    *,
+    spectral_rho: Optional[float] = None,
+    sn_u: Optional[Mapping[str, Tensor]] = None,
+    monotone_m: float = 0.1,
+) -> dict:
+    """The weights F uses, from raw parameters (docs/design.md §4, csrc/block/block.h):
 
     spectral: ``W / max(1, ‖Wᵀu‖/ρ)``; monotone: ``W̃ = c·((1−m)I − AᵀA + B − Bᵀ)`` with
     ``c = min(1, min(1−m, ρ)/β)``, ``β = max(1−m, ‖A‖_F² − (1−m)) + ‖B − Bᵀ‖_F``.
@@ -160,11 +190,24 @@ def effective_weights(params: Mapping[str, Tensor], *, spectral_rho: Optional[fl
     return p
 
 
-def block(z: Tensor, x: Tensor, params: Mapping[str, Tensor], *, n_heads: int, coupling: str = "coupled",
-          attention: str = "softmax", ffn: str = "mlp", qk_norm: bool = True, rope: bool = False,
-          rope_base: float = 10000.0, spectral_rho: Optional[float] = None,
-          sn_u: Optional[Mapping[str, Tensor]] = None, monotone_m: float = 0.1, ln_eps: float = 1e-5,
-          qk_eps: float = 1e-6) -> Tensor:
+def block(
+    z: Tensor,
+    x: Tensor,
+    params: Mapping[str, Tensor],
+    *,
+    n_heads: int,
+    coupling: str = "coupled",
+    attention: str = "softmax",
+    ffn: str = "mlp",
+    qk_norm: bool = True,
+    rope: bool = False,
+    rope_base: float = 10000.0,
+    spectral_rho: Optional[float] = None,
+    sn_u: Optional[Mapping[str, Tensor]] = None,
+    monotone_m: float = 0.1,
+    ln_eps: float = 1e-5,
+    qk_eps: float = 1e-6,
+) -> Tensor:
     """F(z; x) of the equilibrium block, z, x: [B, T, C] (real or complex) -> [B, T, C].
 
     params: raw parameters by name (as ``EquilibriumBlock.named_parameters()``); biases are used
@@ -173,8 +216,9 @@ def block(z: Tensor, x: Tensor, params: Mapping[str, Tensor], *, n_heads: int, c
     p = effective_weights(params, spectral_rho=spectral_rho, sn_u=sn_u, monotone_m=monotone_m)
     if z.is_complex():
         p = {k: v.to(z.dtype) for k, v in p.items()}
-    attn_opts = dict(n_heads=n_heads, attention=attention, qk_norm=qk_norm, rope=rope, rope_base=rope_base,
-                     qk_eps=qk_eps)
+    attn_opts = dict(
+        n_heads=n_heads, attention=attention, qk_norm=qk_norm, rope=rope, rope_base=rope_base, qk_eps=qk_eps
+    )
     a = _attention_branch(layer_norm(z, p["ln1_weight"], p.get("ln1_bias"), ln_eps), p, **attn_opts)
     if coupling == "coupled":
         return x + a + _ffn_branch(layer_norm(z, p["ln2_weight"], p.get("ln2_bias"), ln_eps), p, ffn=ffn)

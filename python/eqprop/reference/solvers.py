@@ -17,7 +17,7 @@ def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def picard(f, x, z0=None, *, max_steps=100, eps=1.0, tol=1e-4, stop="rel"):
-    """Damped Picard z <- z + eps (F(z) - z) (DESIGN.md §4), lowest-residual iterate per sample.
+    """Damped Picard z <- z + eps (F(z) - z) (docs/design.md §4), lowest-residual iterate per sample.
 
     Returns ``(z, info)`` with ``info = {"steps", "abs", "rel", "trace_abs", "trace_rel", "n_evals"}``.
     A sample that has met ``tol`` stays at that iterate while the rest of the batch goes on (as in
@@ -50,8 +50,14 @@ def picard(f, x, z0=None, *, max_steps=100, eps=1.0, tol=1e-4, stop="rel"):
         if bool(done.all()):
             break
         z = torch.where(done.reshape(-1, *([1] * (z.dim() - 1))), z, z + eps * (fz - z))
-    info = {"steps": steps, "abs": best_abs, "rel": best_rel, "trace_abs": torch.stack(tr_a),
-            "trace_rel": torch.stack(tr_r), "n_evals": t + 1}
+    info = {
+        "steps": steps,
+        "abs": best_abs,
+        "rel": best_rel,
+        "trace_abs": torch.stack(tr_a),
+        "trace_rel": torch.stack(tr_r),
+        "n_evals": t + 1,
+    }
     return best, info
 
 

@@ -9,6 +9,7 @@ import torch
 
 __all__ = ["assert_markov_gap"]
 
+
 def _gap_breakdown(model: torch.Tensor, bayes: torch.Tensor, tokens: torch.Tensor, k: int, vocab_size: int) -> list:
     """Rows (label, gap, se, share of tokens) by position thirds of [k, L) and by context visits
     (``eqprop.markov.gap_breakdowns``)."""
@@ -19,8 +20,14 @@ def _gap_breakdown(model: torch.Tensor, bayes: torch.Tensor, tokens: torch.Tenso
     rows = []
     for name in ("early", "middle", "late"):
         lo, hi = by_position[name]["positions"]
-        rows.append((f"positions {lo}..{hi - 1}", by_position[name]["gap_pct"], by_position[name]["gap_se"],
-                     (hi - lo) / (L - k)))
+        rows.append(
+            (
+                f"positions {lo}..{hi - 1}",
+                by_position[name]["gap_pct"],
+                by_position[name]["gap_se"],
+                (hi - lo) / (L - k),
+            )
+        )
     for b in by_visits:
         lo, hi = b["visits"]
         label = f"visits {lo}" if hi == lo + 1 else (f"visits >= {lo}" if hi is None else f"visits {lo}..{hi - 1}")
@@ -77,8 +84,12 @@ def assert_markov_gap(
         return
     rows = _gap_breakdown(nll, bayes, tokens.to(nll.device), k, vocab_size)
     width = max(len(r[0]) for r in rows)
-    lines = [f"  {label.ljust(width)}  " + ("(no tokens)" if g is None else f"{g:+8.2f}% ± {s:.2f}")
-             + f"  ({100 * share:.1f}% of tokens)" for label, g, s, share in rows]
+    lines = [
+        f"  {label.ljust(width)}  "
+        + ("(no tokens)" if g is None else f"{g:+8.2f}% ± {s:.2f}")
+        + f"  ({100 * share:.1f}% of tokens)"
+        for label, g, s, share in rows
+    ]
     raise AssertionError(
         f"Markov-{k} gap to Bayes {gap:+.2f}% ± {se:.2f} (SE, {n_sequences} sequences, L = {tokens.shape[1]}, "
         f"seed {seed}): gap - 2 SE = {gap - 2 * se:.2f}% > max_gap_pct = {max_gap_pct}%\n"

@@ -72,8 +72,12 @@ def save_checkpoint(payload: dict, path) -> Path:
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
-    outer = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(data).hexdigest(),
-             "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+    outer = {
+        "format": FORMAT,
+        "version": VERSION,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+    }
     buf = io.BytesIO()
     torch.save(outer, buf)
     return write_bytes_atomic(buf.getvalue(), path)
@@ -99,23 +103,31 @@ def load_checkpoint_file(path, *, map_location="cpu") -> dict:
     try:
         outer = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip / unpickling errors differ by how the file is broken
-        raise ValueError(f"{not_valid} (truncated, corrupted or another kind of file; {size} bytes): "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        raise ValueError(
+            f"{not_valid} (truncated, corrupted or another kind of file; {size} bytes): "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from None
     if not (isinstance(outer, dict) and outer.get("format") == FORMAT):
-        raise ValueError(f"{not_valid}: it was not written by eqprop.train (no {FORMAT!r} header; a checkpoint of an "
-                         "older eqprop, or a plain torch.save file?)")
+        raise ValueError(
+            f"{not_valid}: it was not written by eqprop.train (no {FORMAT!r} header; a checkpoint of an "
+            "older eqprop, or a plain torch.save file?)"
+        )
     if outer.get("version") != VERSION:
-        raise ValueError(f"{path} is an eqprop checkpoint of format version {outer.get('version')!r}; this eqprop "
-                         f"reads version {VERSION}")
+        raise ValueError(
+            f"{path} is an eqprop checkpoint of format version {outer.get('version')!r}; this eqprop "
+            f"reads version {VERSION}"
+        )
     payload = outer.get("payload")
     if not (isinstance(payload, torch.Tensor) and payload.dtype == torch.uint8 and payload.dim() == 1):
         raise ValueError(f"{not_valid}: its payload is missing")
     data = payload.numpy().tobytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != outer.get("sha256"):
-        raise ValueError(f"{path} is corrupted: the sha256 checksum of its payload does not match the one stored "
-                         f"when it was written ({digest[:12]}... vs {str(outer.get('sha256'))[:12]}...); "
-                         "do not use it (an earlier checkpoint or a fresh run is needed)")
+        raise ValueError(
+            f"{path} is corrupted: the sha256 checksum of its payload does not match the one stored "
+            f"when it was written ({digest[:12]}... vs {str(outer.get('sha256'))[:12]}...); "
+            "do not use it (an earlier checkpoint or a fresh run is needed)"
+        )
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as err:  # pragma: no cover - the checksum matched, so the writer stored something odd
@@ -123,6 +135,7 @@ def load_checkpoint_file(path, *, map_location="cpu") -> dict:
 
 
 # ---- RNG states as plain data (weights_only-loadable) ---------------------------------------------
+
 
 def rng_state() -> dict:
     """Every RNG the loop may touch, as tensors and ints (torch CPU/CUDA, Python, NumPy)."""
@@ -134,8 +147,13 @@ def rng_state() -> dict:
         import numpy as np
 
         name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+        state["numpy"] = {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
     except ImportError:  # pragma: no cover
         pass
     return state
@@ -152,8 +170,9 @@ def set_rng_state(state: dict) -> None:
         import numpy as np
 
         s = state["numpy"]
-        np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
-                             s["cached_gaussian"]))
+        np.random.set_state(
+            (s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached_gaussian"])
+        )
 
 
 # ---- a run's folder --------------------------------------------------------------------------------

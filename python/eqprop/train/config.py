@@ -170,8 +170,11 @@ class StrictConfig:
 
     def to_dict(self) -> dict:
         """Plain JSON-able data (tuples become lists)."""
-        return {f.name: (list(v) if isinstance(v, tuple) else v)
-                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+        return {
+            f.name: (list(v) if isinstance(v, tuple) else v)
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
 
     # ---- the command line ---------------------------------------------------------------------
     @classmethod
@@ -180,9 +183,13 @@ class StrictConfig:
         field's help, its choices and the default shown. Options not given keep the value of ``--config``
         or the default: only what is on the line overrides (read back with ``from_args``)."""
         hints = typing.get_type_hints(cls)
-        parser.add_argument("--config", default=None, metavar="JSON",
-                            help="start from this config.json (e.g. a run's; its out_dir, resume and overwrite are "
-                                 "not taken); options given here override it")
+        parser.add_argument(
+            "--config",
+            default=None,
+            metavar="JSON",
+            help="start from this config.json (e.g. a run's; its out_dir, resume and overwrite are "
+            "not taken); options given here override it",
+        )
         groups = {}
         for f in cls._fields_own_first():  # the trainer's own options first, the loop's after
             if f.name in skip:
@@ -249,8 +256,9 @@ class RunConfig(StrictConfig):
     max_steps: int = option(400, "optimizer steps")
     # memory / speed
     bf16: bool = option(False, "bf16 autocast for the forward pass")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N (under torchrun each rank takes cuda:LOCAL_RANK)",
-                         metavar="DEVICE")
+    device: str = option(
+        "auto", "auto | cpu | cuda | cuda:N (under torchrun each rank takes cuda:LOCAL_RANK)", metavar="DEVICE"
+    )
     # evaluation
     eval_every: int = option(50, "steps between evaluations")
     early_stop: bool = option(True, "end the run when the trainer's target is reached (see its stop rule)")
@@ -274,6 +282,9 @@ class RunConfig(StrictConfig):
             ("eval_every", self.eval_every >= 1, ">= 1"),
             ("grad_clip", self.grad_clip >= 0, ">= 0"),
             ("log_every", self.log_every >= 1, ">= 1"),
-            ("overwrite", not (self.overwrite and self.resume), "False when resume is True (resume continues "
-                                                                 "the run in out_dir; overwrite moves it aside)"),
+            (
+                "overwrite",
+                not (self.overwrite and self.resume),
+                "False when resume is True (resume continues the run in out_dir; overwrite moves it aside)",
+            ),
         ]

@@ -87,8 +87,19 @@ from eqprop.train.config import SCHEDULES, RunConfig, knob
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Task", "Run", "RunResult", "fit", "lr_at", "derive_seed", "DistInfo", "resolve_device",
-           "adamw", "StopRequest", "BASE_COLUMNS"]
+__all__ = [
+    "Task",
+    "Run",
+    "RunResult",
+    "fit",
+    "lr_at",
+    "derive_seed",
+    "DistInfo",
+    "resolve_device",
+    "adamw",
+    "StopRequest",
+    "BASE_COLUMNS",
+]
 
 #: History columns every trainer logs; a task's ``eval_columns`` go between the first four and the rest.
 BASE_COLUMNS = ("step", "lr", "train_loss", "grad_norm", "tokens_per_s", "mem_mb", "elapsed_s")
@@ -110,8 +121,9 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
-def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int, schedule: str,
-          decay_frac: float = 0.2) -> float:
+def lr_at(
+    step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: int, schedule: str, decay_frac: float = 0.2
+) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup ``lr * (step + 1) / warmup_steps``
     over ``warmup_steps``, then
 
@@ -199,8 +211,9 @@ class DistInfo:
 def _dist_env() -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                    int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(
+        int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    )
 
 
 def resolve_device(device: str, local_rank: int = 0, world_size: int = 1) -> str:
@@ -219,16 +232,21 @@ def resolve_device(device: str, local_rank: int = 0, world_size: int = 1) -> str
         return "cpu"
     if device == "cuda" or device.startswith("cuda:"):
         if torch.version.cuda is None:
-            raise ValueError(f"device={device!r}: this torch ({torch.__version__}) has no CUDA (it was built for the "
-                             f"CPU only); use {knob('device', 'cpu')}, or install a CUDA build of torch")
+            raise ValueError(
+                f"device={device!r}: this torch ({torch.__version__}) has no CUDA (it was built for the "
+                f"CPU only); use {knob('device', 'cpu')}, or install a CUDA build of torch"
+            )
         if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: this torch has CUDA {torch.version.cuda} but sees no GPU "
-                             f"(check CUDA_VISIBLE_DEVICES and the driver); use {knob('device', 'cpu')}")
+            raise ValueError(
+                f"device={device!r}: this torch has CUDA {torch.version.cuda} but sees no GPU "
+                f"(check CUDA_VISIBLE_DEVICES and the driver); use {knob('device', 'cpu')}"
+            )
         index = int(device.split(":")[1]) if ":" in device else 0
         if world_size > 1:
             if ":" in device and index != local_rank:
-                log.warning("device=%r under torchrun: each rank uses its own GPU, this one cuda:%d",
-                            device, local_rank)
+                log.warning(
+                    "device=%r under torchrun: each rank uses its own GPU, this one cuda:%d", device, local_rank
+                )
             index = local_rank
         if index >= torch.cuda.device_count():
             raise ValueError(f"device={device!r}: needs GPU {index}, but only {torch.cuda.device_count()} are visible")
@@ -391,8 +409,10 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
     dist_info = _dist_env()
     device = resolve_device(cfg.device, dist_info.local_rank, dist_info.world_size)
     if cfg.batch_size % dist_info.world_size:
-        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of data-parallel "
-                         f"processes ({dist_info.world_size})")
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be divisible by the number of data-parallel "
+            f"processes ({dist_info.world_size})"
+        )
     out_dir = Path(cfg.out_dir)
     run = Run(cfg, device, dist_info, out_dir)
     _check_memory(task.memory_need(run), device)
@@ -403,8 +423,15 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
     torch.manual_seed(cfg.seed)
     model = task.build_model(run).to(device)
     optimizer = task.optimizer(run, model)
-    state = {"step": 0, "best": {}, "best_step": None, "history": [], "tokens_seen": 0, "elapsed_s": 0.0,
-             "status": "max_steps"}
+    state = {
+        "step": 0,
+        "best": {},
+        "best_step": None,
+        "history": [],
+        "tokens_seen": 0,
+        "elapsed_s": 0.0,
+        "status": "max_steps",
+    }
     if cfg.resume and (out_dir / "last.pt").exists():
         state = _restore(out_dir / "last.pt", task, cfg, model, optimizer)
         log.info("resumed from %s at step %d", out_dir / "last.pt", state["step"])
@@ -414,7 +441,8 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
     raw_model = model
     if dist_info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+            model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None
+        )
 
     history, step = state["history"], state["step"]
     status, message, stop_signal = "max_steps", "", None
@@ -426,22 +454,46 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
     columns = BASE_COLUMNS[:4] + tuple(task.eval_columns) + BASE_COLUMNS[4:]
 
     def checkpoint(path: Path, rows: list) -> None:
-        save_checkpoint({
-            "trainer": task.name, "model": raw_model.state_dict(), "model_config": task.model_config(raw_model),
-            "optimizer": optimizer.state_dict(), "config": cfg.to_dict(), "step": step, "best": state["best"],
-            "best_step": state["best_step"], "tokens_seen": state["tokens_seen"], "status": state["status"],
-            "elapsed_s": elapsed_before + time.perf_counter() - t_start, "history": list(rows), "rng": rng_state(),
-        }, path)
+        save_checkpoint(
+            {
+                "trainer": task.name,
+                "model": raw_model.state_dict(),
+                "model_config": task.model_config(raw_model),
+                "optimizer": optimizer.state_dict(),
+                "config": cfg.to_dict(),
+                "step": step,
+                "best": state["best"],
+                "best_step": state["best_step"],
+                "tokens_seen": state["tokens_seen"],
+                "status": state["status"],
+                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                "history": list(rows),
+                "rng": rng_state(),
+            },
+            path,
+        )
 
     from tqdm import tqdm  # not tqdm.auto: it warns in kernels without ipywidgets
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=task.name, dynamic_ncols=True,
-               disable=not (cfg.progress and dist_info.is_main))
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        desc=task.name,
+        dynamic_ncols=True,
+        disable=not (cfg.progress and dist_info.is_main),
+    )
     with StopRequest() as stop:
         while step < cfg.max_steps and status == "max_steps":
             t0 = time.perf_counter()
-            lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                       schedule=cfg.schedule, decay_frac=cfg.wsd_decay_frac)
+            lr = lr_at(
+                step,
+                lr=cfg.lr,
+                min_lr=cfg.min_lr,
+                warmup_steps=cfg.warmup_steps,
+                max_steps=cfg.max_steps,
+                schedule=cfg.schedule,
+                decay_frac=cfg.wsd_decay_frac,
+            )
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
@@ -453,7 +505,7 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
                 batch = task.train_batch(run, step, micro)
                 tokens += task.tokens(batch) * dist_info.world_size
                 sync = micro == cfg.grad_accum_steps - 1 or dist_info.world_size == 1
-                with (contextlib.nullcontext() if sync else model.no_sync()):
+                with contextlib.nullcontext() if sync else model.no_sync():
                     with run.autocast():
                         loss = task.loss(run, model, batch) / cfg.grad_accum_steps
                     loss.backward()
@@ -464,13 +516,16 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
             train_loss = float(loss_sum)
 
             # clip, divergence check, step
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                             cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            )
             if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
                 status = "diverged"
                 what = "loss" if not math.isfinite(train_loss) else "gradient norm"
-                message = (f"non-finite {what} at step {step + 1} (loss={train_loss}, grad_norm={grad_norm}); "
-                           + _saved_checkpoints_note(out_dir))
+                message = (
+                    f"non-finite {what} at step {step + 1} (loss={train_loss}, grad_norm={grad_norm}); "
+                    + _saved_checkpoints_note(out_dir)
+                )
                 log.warning(message)
                 break
             optimizer.step()
@@ -478,9 +533,15 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
             step += 1
 
             # log
-            record = {"step": step, "lr": lr, "train_loss": train_loss, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens / (time.perf_counter() - t0), "mem_mb": peak_memory_mb(device),
-                      "elapsed_s": elapsed_before + time.perf_counter() - t_start}
+            record = {
+                "step": step,
+                "lr": lr,
+                "train_loss": train_loss,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens / (time.perf_counter() - t0),
+                "mem_mb": peak_memory_mb(device),
+                "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+            }
             state["tokens_seen"] += tokens
 
             # eval, best.pt, early stop
@@ -513,7 +574,7 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
                     _write_history(history, columns, out_dir / "training_history.csv")
             if stop_now:
                 status, stop_signal = "interrupted", stop.requested or "stop request"
-                message = (f"{stop_signal} at step {step}; last.pt written, continue with {knob('resume')}")
+                message = f"{stop_signal} at step {step}; last.pt written, continue with {knob('resume')}"
                 log.warning(message)
                 break
     bar.close()
@@ -527,11 +588,21 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
         raw_model.load_state_dict(load_checkpoint_file(out_dir / "best.pt", map_location=device)["model"])
         final = task.final_evaluation(run, raw_model)
     result = RunResult(
-        status=status, steps=step, best_step=state["best_step"], best=state["best"], final=final,
+        status=status,
+        steps=step,
+        best_step=state["best_step"],
+        best=state["best"],
+        final=final,
         n_params=sum(p.numel() for p in raw_model.parameters() if p.requires_grad),
-        wall_s=elapsed_before + time.perf_counter() - t_start, tokens_seen=state["tokens_seen"],
-        world_size=dist_info.world_size, out_dir=str(out_dir), figures={}, message=message, stop_signal=stop_signal,
-        history=history)
+        wall_s=elapsed_before + time.perf_counter() - t_start,
+        tokens_seen=state["tokens_seen"],
+        world_size=dist_info.world_size,
+        out_dir=str(out_dir),
+        figures={},
+        message=message,
+        stop_signal=stop_signal,
+        history=history,
+    )
 
     # results first, figures after: a figure that cannot be drawn must not cost the numbers
     summary = task.summarize(run, result)
@@ -543,8 +614,12 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
                 path.parent.mkdir(parents=True, exist_ok=True)
                 result.figures[name] = str(draw(path))
             except Exception as err:  # noqa: BLE001 - any plotting failure is reported, never fatal
-                warnings.warn(f"figure {name!r} could not be written to {path} ({type(err).__name__}: {err}); "
-                              f"the results are in {out_dir / 'summary.json'}", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"figure {name!r} could not be written to {path} ({type(err).__name__}: {err}); "
+                    f"the results are in {out_dir / 'summary.json'}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if result.figures:
             summary = task.summarize(run, result)
             write_text_atomic(json.dumps(summary.to_dict(), indent=2) + "\n", out_dir / "summary.json")
@@ -562,8 +637,10 @@ def _check_memory(need: dict, device: str) -> None:
     have = device_memory_bytes(device)
     if total > have:
         parts = ", ".join(f"{what} {_gib(n)}" for what, n in sorted(need.items(), key=lambda kv: -kv[1]) if n)
-        raise ValueError(f"this config needs at least {_gib(total)} on {device} ({parts}), more than the "
-                         f"{_gib(have)} it has; use a smaller batch_size / seq_len / k / model")
+        raise ValueError(
+            f"this config needs at least {_gib(total)} on {device} ({parts}), more than the "
+            f"{_gib(have)} it has; use a smaller batch_size / seq_len / k / model"
+        )
 
 
 def _prepare_out_dir(out_dir: Path, cfg: RunConfig, dist_info: DistInfo) -> None:
@@ -577,14 +654,20 @@ def _prepare_out_dir(out_dir: Path, cfg: RunConfig, dist_info: DistInfo) -> None
         # resume without last.pt (the run stopped before its first checkpoint): start afresh, but keep the record
         if dist_info.is_main:
             moved = move_aside(out_dir)
-            log.warning("%s held a run (%s)%s; moved it to %s", out_dir, ", ".join(found),
-                        " but no last.pt to resume from" if cfg.resume else "", moved)
+            log.warning(
+                "%s held a run (%s)%s; moved it to %s",
+                out_dir,
+                ", ".join(found),
+                " but no last.pt to resume from" if cfg.resume else "",
+                moved,
+            )
         _barrier(dist_info)
         return
     raise ValueError(
         f"{out_dir} already holds a run ({', '.join(found)}); nothing was changed. Continue it with "
         f"{knob('resume')}, or start afresh with {knob('overwrite')} (the old run is moved to "
-        f"{out_dir.name}.old-<time>, not deleted), or choose another out_dir")
+        f"{out_dir.name}.old-<time>, not deleted), or choose another out_dir"
+    )
 
 
 def _restore(path: Path, task: Task, cfg: RunConfig, model, optimizer) -> dict:
@@ -592,8 +675,12 @@ def _restore(path: Path, task: Task, cfg: RunConfig, model, optimizer) -> dict:
     ckpt = load_checkpoint_file(path, map_location="cpu")
     saved = ckpt["config"]
     must_match = ("batch_size", "grad_accum_steps", "seed") + tuple(task.must_match_on_resume)
-    mismatched = [f"{n}: checkpoint {saved.get(n)!r} vs config {v!r}"
-                  for n in must_match for v in [cfg.to_dict()[n]] if saved.get(n) != v]
+    mismatched = [
+        f"{n}: checkpoint {saved.get(n)!r} vs config {v!r}"
+        for n in must_match
+        for v in [cfg.to_dict()[n]]
+        if saved.get(n) != v
+    ]
     if mismatched:
         raise ValueError(f"cannot resume from {path}: the config differs in " + "; ".join(mismatched))
     if saved.get("max_steps") != cfg.max_steps or saved.get("schedule") != cfg.schedule:
@@ -608,8 +695,15 @@ def _restore(path: Path, task: Task, cfg: RunConfig, model, optimizer) -> dict:
     set_rng_state(ckpt["rng"])
     # rows logged after the checkpoint (a crash between checkpoints) are dropped: they will be redone
     history = [r for r in ckpt["history"] if r["step"] <= ckpt["step"]]
-    return {"step": ckpt["step"], "best": ckpt["best"], "best_step": ckpt["best_step"], "history": history,
-            "tokens_seen": ckpt["tokens_seen"], "elapsed_s": ckpt["elapsed_s"], "status": ckpt["status"]}
+    return {
+        "step": ckpt["step"],
+        "best": ckpt["best"],
+        "best_step": ckpt["best_step"],
+        "history": history,
+        "tokens_seen": ckpt["tokens_seen"],
+        "elapsed_s": ckpt["elapsed_s"],
+        "status": ckpt["status"],
+    }
 
 
 def _saved_checkpoints_note(out_dir: Path) -> str:

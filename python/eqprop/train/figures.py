@@ -31,8 +31,15 @@ def training_curve(history: list, bayes_nll: float, target: float, path, *, k: i
     ev = [r for r in history if r.get("gap_pct") is not None]
     if ev:
         ax1.plot([r["step"] for r in ev], [r["eval_nll"] for r in ev], "o-", ms=3, label="eval NLL")
-        ax2.errorbar([r["step"] for r in ev], [r["gap_pct"] for r in ev], yerr=[r["gap_se"] for r in ev],
-                     fmt="o-", ms=3, capsize=2, label="eval gap")
+        ax2.errorbar(
+            [r["step"] for r in ev],
+            [r["gap_pct"] for r in ev],
+            yerr=[r["gap_se"] for r in ev],
+            fmt="o-",
+            ms=3,
+            capsize=2,
+            label="eval gap",
+        )
         _symlog_if_needed(ax2, [r["gap_pct"] for r in ev])
     ax1.axhline(bayes_nll, color="k", ls="--", lw=1, label=f"Bayes {bayes_nll:.4f}")
     ax1.set(xlabel="step", ylabel="NLL per token (nats), t >= k", title=f"Markov k={k}: loss")
@@ -50,17 +57,26 @@ def gap_by_position(result: dict, path, *, k: int, target: float) -> Path:
     ax1, ax2 = fig.subplots(1, 2)
     bins = [b for b in result["by_position"]["bins"] if b["gap_pct"] is not None]
     mids = [(b["positions"][0] + b["positions"][1]) / 2 for b in bins]
-    ax1.errorbar(mids, [b["gap_pct"] for b in bins], yerr=[b["gap_se"] for b in bins], fmt="o-", ms=3,
-                 capsize=2, label="20 position bins")
+    ax1.errorbar(
+        mids,
+        [b["gap_pct"] for b in bins],
+        yerr=[b["gap_se"] for b in bins],
+        fmt="o-",
+        ms=3,
+        capsize=2,
+        label="20 position bins",
+    )
     for name in ("early", "middle", "late"):
         third = result["by_position"][name]
         if third["gap_pct"] is not None:
             lo, hi = third["positions"]
-            ax1.hlines(third["gap_pct"], lo, hi, color="C1", lw=3,
-                       label="thirds" if name == "early" else None)
+            ax1.hlines(third["gap_pct"], lo, hi, color="C1", lw=3, label="thirds" if name == "early" else None)
     ax1.axhline(target, color="r", ls="--", lw=1, label=f"target {target}%")
-    ax1.set(xlabel="position t", ylabel="gap to Bayes (%)",
-            title=f"k={k}: gap by position ({result['n_seqs']} seqs, seed {result['seed']})")
+    ax1.set(
+        xlabel="position t",
+        ylabel="gap to Bayes (%)",
+        title=f"k={k}: gap by position ({result['n_seqs']} seqs, seed {result['seed']})",
+    )
     ax1.legend(fontsize=8)
     buckets = [b for b in result["by_visit_count"] if b["gap_pct"] is not None]
     labels = [_bucket_label(*b["visits"]) for b in buckets]
@@ -69,8 +85,11 @@ def gap_by_position(result: dict, path, *, k: int, target: float) -> Path:
         ax2.annotate(f"{100 * b['frac_tokens']:.0f}%", (i, 0), ha="center", va="bottom", fontsize=7)
     ax2.set_xticks(range(len(buckets)), labels)
     ax2.axhline(target, color="r", ls="--", lw=1)
-    ax2.set(xlabel="earlier visits of the target's context (% of tokens)", ylabel="gap to Bayes (%)",
-            title="gap by context visit count")
+    ax2.set(
+        xlabel="earlier visits of the target's context (% of tokens)",
+        ylabel="gap to Bayes (%)",
+        title="gap by context visit count",
+    )
     return _save(fig, path)
 
 
@@ -85,8 +104,13 @@ def ladder_plot(results: dict, path, *, target: float) -> Path:
         all_gaps += gaps
         ax.plot([r["rung"] for r in rungs], gaps, "o-", label=f"k={k}")
         for r in rungs:
-            ax.annotate(f"{r['n_layer']}x{r['d_model']}\n{r['max_steps']}", (r["rung"], r["best_gap_pct"]),
-                        fontsize=6, textcoords="offset points", xytext=(3, 3))
+            ax.annotate(
+                f"{r['n_layer']}x{r['d_model']}\n{r['max_steps']}",
+                (r["rung"], r["best_gap_pct"]),
+                fontsize=6,
+                textcoords="offset points",
+                xytext=(3, 3),
+            )
     _symlog_if_needed(ax, all_gaps)
     ax.axhline(target, color="r", ls="--", lw=1, label=f"gate {target}%")
     ax.set(xlabel="rung", ylabel="best eval gap to Bayes (%)", title="ladder (layers x width, steps)")

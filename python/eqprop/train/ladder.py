@@ -22,14 +22,35 @@ log = logging.getLogger(__name__)
 __all__ = ["ladder", "LADDER_START"]
 
 #: The ladder's first rung unless told otherwise: a medium model with a large effective batch (128 sequences).
-LADDER_START = dict(n_layer=4, n_head=8, d_model=128, batch_size=64, grad_accum_steps=2, lr=1e-3, min_lr=1e-4,
-                    warmup_steps=100, max_steps=2000, eval_every=100, eval_batches=8, final_eval_batches=32,
-                    progress=False)
+LADDER_START = dict(
+    n_layer=4,
+    n_head=8,
+    d_model=128,
+    batch_size=64,
+    grad_accum_steps=2,
+    lr=1e-3,
+    min_lr=1e-4,
+    warmup_steps=100,
+    max_steps=2000,
+    eval_every=100,
+    eval_batches=8,
+    final_eval_batches=32,
+    progress=False,
+)
 
 
-def ladder(ks: Sequence[int], *, base: Optional[TrainConfig] = None, out_dir: str = "runs/ladder",
-           max_rungs: int = 8, max_layers: int = 8, max_width: int = 512, max_steps_cap: int = 100_000,
-           overwrite: bool = False, train_fn: Callable[[TrainConfig], Summary] = None) -> dict:
+def ladder(
+    ks: Sequence[int],
+    *,
+    base: Optional[TrainConfig] = None,
+    out_dir: str = "runs/ladder",
+    max_rungs: int = 8,
+    max_layers: int = 8,
+    max_width: int = 512,
+    max_steps_cap: int = 100_000,
+    overwrite: bool = False,
+    train_fn: Callable[[TrainConfig], Summary] = None,
+) -> dict:
     """Adaptive search, per k, for a model that passes the gate (gap <= target on both final sets).
 
     Each rung trains ``base`` (a medium model with a large effective batch is a good start) and reads its
@@ -59,12 +80,17 @@ def ladder(ks: Sequence[int], *, base: Optional[TrainConfig] = None, out_dir: st
     train_fn = train_fn or train
     base = base or TrainConfig(**LADDER_START)
     root = Path(out_dir)
-    held = sorted(p.name for p in root.glob("*") if p.name == "ladder_summary.json" or p.name.startswith("k")) \
-        if root.is_dir() else []
+    held = (
+        sorted(p.name for p in root.glob("*") if p.name == "ladder_summary.json" or p.name.startswith("k"))
+        if root.is_dir()
+        else []
+    )
     if held and not overwrite:
-        raise ValueError(f"{root} already holds a ladder ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
-                         f"nothing was changed. Start afresh with {knob('overwrite')} (the old ladder is moved to "
-                         f"{root.name}.old-<time>, not deleted), or choose another out_dir")
+        raise ValueError(
+            f"{root} already holds a ladder ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}); "
+            f"nothing was changed. Start afresh with {knob('overwrite')} (the old ladder is moved to "
+            f"{root.name}.old-<time>, not deleted), or choose another out_dir"
+        )
     if held:
         log.warning("moved the ladder in %s to %s", root, move_aside(root))
     root.mkdir(parents=True, exist_ok=True)
@@ -78,9 +104,18 @@ def ladder(ks: Sequence[int], *, base: Optional[TrainConfig] = None, out_dir: st
             s = train_fn(cfg)
             gaps = [f["gap_pct"] for f in s.final]
             worst = max(gaps) if gaps else None
-            rung = {"rung": i, "n_layer": cfg.n_layer, "d_model": cfg.d_model, "max_steps": cfg.max_steps,
-                    "status": s.status, "best_gap_pct": s.best_gap_pct, "final_gaps": gaps,
-                    "gate_passed": s.gate_passed, "n_params": s.n_params, "wall_s": s.wall_s}
+            rung = {
+                "rung": i,
+                "n_layer": cfg.n_layer,
+                "d_model": cfg.d_model,
+                "max_steps": cfg.max_steps,
+                "status": s.status,
+                "best_gap_pct": s.best_gap_pct,
+                "final_gaps": gaps,
+                "gate_passed": s.gate_passed,
+                "n_params": s.n_params,
+                "wall_s": s.wall_s,
+            }
             prev_best = min((r["best_gap_pct"] for r in rungs if r["best_gap_pct"] is not None), default=None)
             improved = prev_best is None or (s.best_gap_pct is not None and s.best_gap_pct < prev_best)
             if rungs and rungs[-1]["action"] == "deeper" and not improved:
@@ -112,8 +147,12 @@ def ladder(ks: Sequence[int], *, base: Optional[TrainConfig] = None, out_dir: st
     try:  # results first: a plot that cannot be drawn only warns
         figs.ladder_plot(results, root / "ladder.png", target=base.target_gap_pct)
     except Exception as err:  # noqa: BLE001
-        warnings.warn(f"the ladder plot could not be written to {root / 'ladder.png'} ({type(err).__name__}: {err}); "
-                      f"the results are in {root / 'ladder_summary.json'}", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"the ladder plot could not be written to {root / 'ladder.png'} ({type(err).__name__}: {err}); "
+            f"the results are in {root / 'ladder_summary.json'}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return results
 
 

@@ -48,8 +48,18 @@ from eqprop.train.core import BASE_COLUMNS, DistInfo, Run, RunResult, Task, deri
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "MarkovTask", "Summary", "EvalResult", "train", "evaluate", "load_checkpoint",
-           "gate_passed", "build_model", "HISTORY_COLUMNS"]
+__all__ = [
+    "TrainConfig",
+    "MarkovTask",
+    "Summary",
+    "EvalResult",
+    "train",
+    "evaluate",
+    "load_checkpoint",
+    "gate_passed",
+    "build_model",
+    "HISTORY_COLUMNS",
+]
 
 PosEnc = Literal["learned", "sinusoidal", "rope", "alibi", "none"]
 assert POS_ENCODINGS == PosEnc.__args__
@@ -86,8 +96,9 @@ class TrainConfig(RunConfig):
     eval_batch_size: int = option(32, "sequences per eval batch")
     eval_seed: int = option(1_000_003, "seed of the held-out eval set")
     final_eval_batches: int = option(16, "batches in EACH of the two final eval sets")
-    final_eval_seeds: tuple[int, ...] = option((2_000_003, 3_000_017), "seeds of the two independent final eval sets",
-                                            metavar="SEED")
+    final_eval_seeds: tuple[int, ...] = option(
+        (2_000_003, 3_000_017), "seeds of the two independent final eval sets", metavar="SEED"
+    )
     target_gap_pct: float = option(3.0, "gate, and early stop once gap + 2 SE <= target")
     out_dir: str = option("runs/markov", "where artifacts go", metavar="DIR")
 
@@ -101,8 +112,13 @@ class TrainConfig(RunConfig):
             ("eval_batches", self.eval_batches >= 1, ">= 1"),
             ("eval_batch_size", self.eval_batch_size >= 2, ">= 2 (a standard error needs 2 sequences)"),
             ("final_eval_batches", self.final_eval_batches >= 1, ">= 1"),
-            ("final_eval_seeds", len(self.final_eval_seeds) == 2 and len(set(self.final_eval_seeds)) == 2
-             and self.eval_seed not in self.final_eval_seeds, "two distinct seeds, both different from eval_seed"),
+            (
+                "final_eval_seeds",
+                len(self.final_eval_seeds) == 2
+                and len(set(self.final_eval_seeds)) == 2
+                and self.eval_seed not in self.final_eval_seeds,
+                "two distinct seeds, both different from eval_seed",
+            ),
         ]
 
     @property
@@ -152,15 +168,21 @@ class Summary:
         return d
 
     def __str__(self) -> str:
-        lines = [f"Markov k={self.k} (L={self.seq_len}), {self.n_params:,} params: {self.status} after {self.steps} "
-                 f"steps, {self.wall_s:.0f} s"]
+        lines = [
+            f"Markov k={self.k} (L={self.seq_len}), {self.n_params:,} params: {self.status} after {self.steps} "
+            f"steps, {self.wall_s:.0f} s"
+        ]
         if self.message:
             lines.append(f"  {self.message}")
         if self.best_gap_pct is not None:
             lines.append(f"best eval gap {_fmt_gap(self.best_gap_pct, self.best_gap_se)} at step {self.best_step}")
         if self.final:
-            lines.append("final gaps of best.pt: " + ", ".join(
-                f"{_fmt_gap(f['gap_pct'], f['gap_se'])} ({f['n_seqs']} seqs, seed {f['seed']})" for f in self.final))
+            lines.append(
+                "final gaps of best.pt: "
+                + ", ".join(
+                    f"{_fmt_gap(f['gap_pct'], f['gap_se'])} ({f['n_seqs']} seqs, seed {f['seed']})" for f in self.final
+                )
+            )
             lines.append(f"gate (both final gaps <= {self.target_gap_pct}%): {'PASS' if self.gate_passed else 'FAIL'}")
         lines.append(f"out_dir: {self.out_dir}")
         return "\n".join(lines)
@@ -209,8 +231,21 @@ class MarkovTask(Task):
     name = "markov"
     score = "gap_pct"
     eval_columns = EVAL_COLUMNS
-    must_match_on_resume = ("k", "vocab_size", "alpha", "seq_len", "n_layer", "n_head", "d_model", "mlp_ratio",
-                            "pos_enc", "eval_seed", "eval_batches", "eval_batch_size", "eval_seq_len")
+    must_match_on_resume = (
+        "k",
+        "vocab_size",
+        "alpha",
+        "seq_len",
+        "n_layer",
+        "n_head",
+        "d_model",
+        "mlp_ratio",
+        "pos_enc",
+        "eval_seed",
+        "eval_batches",
+        "eval_batch_size",
+        "eval_seq_len",
+    )
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -241,7 +276,7 @@ class MarkovTask(Task):
         return train_batch(self.cfg, step, micro, run.dist, run.device)
 
     def loss(self, run: Run, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return next_token_nll(model(x), x)[:, self.cfg.k:].mean()  # mean NLL over t >= k
+        return next_token_nll(model(x), x)[:, self.cfg.k :].mean()  # mean NLL over t >= k
 
     def eval_set(self, run: Run) -> list:
         if self._eval_set is None:
@@ -259,27 +294,57 @@ class MarkovTask(Task):
         return None
 
     def final_evaluation(self, run: Run, model: torch.nn.Module) -> list:
-        return [_evaluate_set(model, make_eval_set(self.cfg, seed, self.cfg.final_eval_batches, run.device), self.cfg,
-                              run.dist, breakdowns=True, seed=seed).to_dict() for seed in self.cfg.final_eval_seeds]
+        return [
+            _evaluate_set(
+                model,
+                make_eval_set(self.cfg, seed, self.cfg.final_eval_batches, run.device),
+                self.cfg,
+                run.dist,
+                breakdowns=True,
+                seed=seed,
+            ).to_dict()
+            for seed in self.cfg.final_eval_seeds
+        ]
 
     def summarize(self, run: Run, r: RunResult) -> Summary:
         return Summary(
-            status=r.status, steps=r.steps, k=self.cfg.k, seq_len=self.cfg.train_len, n_params=r.n_params,
-            target_gap_pct=self.cfg.target_gap_pct, gate_passed=gate_passed(r.final, self.cfg.target_gap_pct),
-            best_step=r.best_step, best_gap_pct=r.best.get("gap_pct"), best_gap_se=r.best.get("gap_se"),
-            final=r.final, wall_s=r.wall_s, tokens_seen=r.tokens_seen, world_size=r.world_size, out_dir=r.out_dir,
-            figures=dict(r.figures), message=r.message, stop_signal=r.stop_signal, history=r.history)
+            status=r.status,
+            steps=r.steps,
+            k=self.cfg.k,
+            seq_len=self.cfg.train_len,
+            n_params=r.n_params,
+            target_gap_pct=self.cfg.target_gap_pct,
+            gate_passed=gate_passed(r.final, self.cfg.target_gap_pct),
+            best_step=r.best_step,
+            best_gap_pct=r.best.get("gap_pct"),
+            best_gap_se=r.best.get("gap_se"),
+            final=r.final,
+            wall_s=r.wall_s,
+            tokens_seen=r.tokens_seen,
+            world_size=r.world_size,
+            out_dir=r.out_dir,
+            figures=dict(r.figures),
+            message=r.message,
+            stop_signal=r.stop_signal,
+            history=r.history,
+        )
 
     def figures(self, run: Run, r: RunResult) -> dict:
         from eqprop.train import figures as figs
 
         c = self.cfg
-        bayes = float(torch.cat([b[:, c.k:] for _, b in self.eval_set(run)]).double().mean())
-        out = {"training_curve": ("training_curve.png",
-                                  lambda p: figs.training_curve(r.history, bayes, c.target_gap_pct, p, k=c.k))}
+        bayes = float(torch.cat([b[:, c.k :] for _, b in self.eval_set(run)]).double().mean())
+        out = {
+            "training_curve": (
+                "training_curve.png",
+                lambda p: figs.training_curve(r.history, bayes, c.target_gap_pct, p, k=c.k),
+            )
+        }
         if r.final:
-            out["gap_by_position"] = ("gap_by_position.png",
-                                      lambda p: figs.gap_by_position(r.final[0], p, k=c.k, target=c.target_gap_pct))
+            out["gap_by_position"] = (
+                "gap_by_position.png",
+                lambda p: figs.gap_by_position(r.final[0], p, k=c.k, target=c.target_gap_pct),
+            )
         return out
 
 
@@ -311,9 +376,16 @@ def train(config, *, callback: Optional[Callable[[dict, torch.nn.Module], None]]
 
 def build_model(cfg: TrainConfig) -> Transformer:
     """The ``Transformer`` a config describes (sized for ``max(train_len, eval_len)`` positions)."""
-    return Transformer(cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
-                       mlp_ratio=cfg.mlp_ratio, max_len=max(cfg.train_len, cfg.eval_len), pos_enc=cfg.pos_enc,
-                       grad_checkpointing=cfg.grad_checkpointing)
+    return Transformer(
+        cfg.vocab_size,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        d_model=cfg.d_model,
+        mlp_ratio=cfg.mlp_ratio,
+        max_len=max(cfg.train_len, cfg.eval_len),
+        pos_enc=cfg.pos_enc,
+        grad_checkpointing=cfg.grad_checkpointing,
+    )
 
 
 def train_batch(cfg: TrainConfig, step: int, micro: int, dist_info: DistInfo, device) -> torch.Tensor:
@@ -321,25 +393,46 @@ def train_batch(cfg: TrainConfig, step: int, micro: int, dist_info: DistInfo, de
     whole global batch from the same seed and keeps its slice (sampling is cheap next to the model), which
     makes a DDP run see exactly the tokens of a single-process run."""
     seed = derive_seed(cfg.seed, "train", step, micro)
-    x = markov.sample(cfg.batch_size, cfg.k, seq_len=cfg.train_len, vocab_size=cfg.vocab_size, alpha=cfg.alpha,
-                      seed=seed, device=device)
+    x = markov.sample(
+        cfg.batch_size,
+        cfg.k,
+        seq_len=cfg.train_len,
+        vocab_size=cfg.vocab_size,
+        alpha=cfg.alpha,
+        seed=seed,
+        device=device,
+    )
     per = cfg.batch_size // dist_info.world_size
-    return x[dist_info.rank * per:(dist_info.rank + 1) * per]
+    return x[dist_info.rank * per : (dist_info.rank + 1) * per]
 
 
 def make_eval_set(cfg: TrainConfig, seed: int, n_batches: int, device) -> list:
     """``n_batches`` pairs ``(tokens [b, L_eval], bayes_nll [b, L_eval] float64)`` from ``seed``."""
     out = []
     for i in range(n_batches):
-        x = markov.sample(cfg.eval_batch_size, cfg.k, seq_len=cfg.eval_len, vocab_size=cfg.vocab_size,
-                          alpha=cfg.alpha, seed=derive_seed(seed, "eval", i), device=device)
+        x = markov.sample(
+            cfg.eval_batch_size,
+            cfg.k,
+            seq_len=cfg.eval_len,
+            vocab_size=cfg.vocab_size,
+            alpha=cfg.alpha,
+            seed=derive_seed(seed, "eval", i),
+            device=device,
+        )
         out.append((x, markov.bayes_nll(x, cfg.k, vocab_size=cfg.vocab_size, alpha=cfg.alpha, dtype=torch.float64)))
     return out
 
 
 @torch.no_grad()
-def _evaluate_set(model: torch.nn.Module, eval_set: list, cfg: TrainConfig, dist_info: DistInfo, *,
-                  breakdowns: bool, seed: Optional[int] = None) -> EvalResult:
+def _evaluate_set(
+    model: torch.nn.Module,
+    eval_set: list,
+    cfg: TrainConfig,
+    dist_info: DistInfo,
+    *,
+    breakdowns: bool,
+    seed: Optional[int] = None,
+) -> EvalResult:
     """Per-token NLL (``model.token_nll``) of every sequence in ``eval_set``; batches are shared out over
     ranks and summed back."""
     was_training = model.training
@@ -352,19 +445,29 @@ def _evaluate_set(model: torch.nn.Module, eval_set: list, cfg: TrainConfig, dist
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         for i, (x, _) in enumerate(eval_set):
             if i % dist_info.world_size == dist_info.rank:
-                model_nll[row:row + x.shape[0]] = model.token_nll(x).double()
+                model_nll[row : row + x.shape[0]] = model.token_nll(x).double()
             row += x.shape[0]
     if dist_info.world_size > 1:
         torch.distributed.all_reduce(model_nll)  # rows of other ranks are zero here
     model.train(was_training)
     k = cfg.k
     gap, se = markov.gap_pct(model_nll, bayes, k)
-    by_position, by_visits = (markov.gap_breakdowns(model_nll, bayes, tokens, k, vocab_size=cfg.vocab_size)
-                              if breakdowns else ({}, []))
-    return EvalResult(seed=seed if seed is not None else -1, n_seqs=tokens.shape[0], seq_len=tokens.shape[1],
-                      gap_pct=gap, gap_se=se, model_nll=float(model_nll[:, k:].mean()),
-                      bayes_nll=float(bayes[:, k:].mean()), by_position=by_position, by_visit_count=by_visits,
-                      model_token_nll=model_nll, bayes_token_nll=bayes)
+    by_position, by_visits = (
+        markov.gap_breakdowns(model_nll, bayes, tokens, k, vocab_size=cfg.vocab_size) if breakdowns else ({}, [])
+    )
+    return EvalResult(
+        seed=seed if seed is not None else -1,
+        n_seqs=tokens.shape[0],
+        seq_len=tokens.shape[1],
+        gap_pct=gap,
+        gap_se=se,
+        model_nll=float(model_nll[:, k:].mean()),
+        bayes_nll=float(bayes[:, k:].mean()),
+        by_position=by_position,
+        by_visit_count=by_visits,
+        model_token_nll=model_nll,
+        bayes_token_nll=bayes,
+    )
 
 
 def load_checkpoint(path, *, device="cpu") -> tuple:
@@ -383,9 +486,16 @@ def load_checkpoint(path, *, device="cpu") -> tuple:
     return model, TrainConfig.from_dict(ckpt["config"]), ckpt
 
 
-def evaluate(model_or_checkpoint, *, config: Optional[TrainConfig] = None, n_batches: int = 16,
-             batch_size: Optional[int] = None, seed: int = 2_000_003, seq_len: Optional[int] = None,
-             device: Optional[str] = None) -> EvalResult:
+def evaluate(
+    model_or_checkpoint,
+    *,
+    config: Optional[TrainConfig] = None,
+    n_batches: int = 16,
+    batch_size: Optional[int] = None,
+    seed: int = 2_000_003,
+    seq_len: Optional[int] = None,
+    device: Optional[str] = None,
+) -> EvalResult:
     """Gap to Bayes of a model (or a checkpoint path) on ``n_batches`` fresh batches from ``seed``.
 
     Args:
