@@ -16,7 +16,7 @@ import eqprop
 from eqprop import _C
 from eqprop.ep import EP, CrossEntropyReadout
 from eqprop.estimators import Implicit
-from equilibrium_fields import TanhLayer, one_thread  # noqa: F401  (autouse fixture)
+from equilibrium_fields import TanhLayer
 
 F64 = torch.float64
 # Free and nudged phases run to machine precision: tol = 0 runs every step (both contract by ≤ ~0.6 per step).

@@ -55,7 +55,7 @@ def build_info() -> dict:
 # eqprop.train is imported on demand: it pulls in torch.distributed.
 from . import diagnostics, estimators, markov, models, solvers  # noqa: E402
 from .block import EquilibriumBlock, EquilibriumLM  # noqa: E402
-from .solvers import NonConvergenceError, NonConvergenceWarning, fixed_point, relax  # noqa: E402
+from .solvers import NonConvergenceError, NonConvergenceWarning, RelaxOptions, fixed_point, relax  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -66,6 +66,7 @@ __all__ = [
     "EquilibriumLM",
     "relax",
     "fixed_point",
+    "RelaxOptions",
     "NonConvergenceWarning",
     "NonConvergenceError",
     "solvers",
