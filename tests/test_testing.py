@@ -175,7 +175,7 @@ def test_converged_and_contractive_fail_for_rho_above_one():
     msg = str(e.value)
     assert "spectral radius above rho_max = 1 in 3 of 3 samples (max 1.5000" in msg
     assert msg.count("<-- FAIL") == 3
-    z, info = eqprop.relax(f, x, max_steps=20)
+    z, info = eqprop.relax(f, x, max_steps=20, on_nonconvergence="ignore")
     with pytest.raises(AssertionError) as e:
         assert_converged(info)
     assert "3 of 3 samples did not converge" in str(e.value) and "max_steps" in str(e.value)
