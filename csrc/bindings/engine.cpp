@@ -167,7 +167,8 @@ static Binder bind_engine([](py::module_& m) {
         return out;
       },
       py::arg("field"), py::arg("z0"), py::arg("options"), py::arg("drive") = py::none(),
-      "Relax to z* = F(z*) (docs/design.md §4) with RelaxOptions; drive(z) adds to F (nudged phases). Returns a "
+      "Relax to z* = F(z*) (docs/design.md §4) with RelaxOptions; drive(z) adds to F (nudged phases). "
+      "Returns a "
       "dict.");
 
   m.def(
