@@ -314,9 +314,7 @@ class ContractionController:
             self._ema = {k: p.detach().clone() for k, p in params.items()}
             return
         if set(params) != set(self._ema):
-            raise ValueError(
-                f"module's parameters {sorted(params)} do not match the EMA's {sorted(self._ema)}"
-            )
+            raise ValueError(f"module's parameters {sorted(params)} do not match the EMA's {sorted(self._ema)}")
         for k, p in params.items():
             self._ema[k].mul_(decay).add_(p.detach(), alpha=1.0 - decay)
 
