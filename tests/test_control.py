@@ -245,3 +245,20 @@ def test_bad_step_arguments():
         ctl.step(0.1, penalty_share="x")
     with pytest.raises(TypeError, match="state"):
         ctl.load_state_dict([1])
+
+
+def test_penalty_on_equilibrium_block_matches_diagnostics():
+    torch.manual_seed(0)
+    blk = eqprop.EquilibriumBlock(8, 2, dtype=F64).eval()
+    x = torch.randn(2, 5, 8, dtype=F64)
+    z = torch.randn(2, 5, 8, dtype=F64)
+    ctl = ContractionController(jacreg=0.2, homeostasis=0.1, seed=5, probes=2)
+    ctl.step(0.0)
+    p = ctl.penalty(blk, x, z)
+    want = eqprop.diagnostics.jacobian_penalty(
+        blk, x, z, probes=2, seed=5, weight=0.2
+    ) + eqprop.diagnostics.homeostatic_loss(blk, x, z, probes=2, seed=6, weight=0.1)
+    torch.testing.assert_close(p, want, rtol=0, atol=0)
+    p.backward()
+    assert all(q.grad is not None for q in blk.param_list() if q.requires_grad)
+    assert any(q.grad.abs().max() > 0 for q in blk.param_list())
