@@ -53,7 +53,7 @@ def build_info() -> dict:
 
 
 # eqprop.train is imported on demand: it pulls in torch.distributed.
-from . import diagnostics, estimators, markov, models, solvers  # noqa: E402
+from . import control, diagnostics, estimators, markov, models, solvers  # noqa: E402
 from .block import EquilibriumBlock, EquilibriumLM  # noqa: E402
 from .solvers import NonConvergenceError, NonConvergenceWarning, RelaxOptions, fixed_point, relax  # noqa: E402
 
@@ -72,4 +72,5 @@ __all__ = [
     "solvers",
     "estimators",
     "diagnostics",
+    "control",
 ]
