@@ -119,7 +119,7 @@ def test_decompose_orthogonal_and_parallel():
     assert d.cos_total == pytest.approx(nt / math.hypot(nt, npen), abs=EPS)
     for g, (c, r, ct, _) in d.per_group.items():
         t, p = task[g], pen[g]
-        assert abs(c) < EPS
+        assert abs(c) < EPS and r == pytest.approx(float(p.norm() / t.norm()), rel=EPS)
         assert ct == pytest.approx(float(t.norm() / torch.hypot(t.norm(), p.norm())), abs=EPS)
     d = decompose(task, {k: 3 * t for k, t in task.items()}, {"a": "g", "b": "g"})
     assert abs(d.cos - 1) < EPS and d.ratio == pytest.approx(3, rel=EPS) and abs(d.cos_total - 1) < EPS
