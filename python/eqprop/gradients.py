@@ -446,6 +446,8 @@ def influence(
 
     Example: ``z, _ = eqprop.relax(blk, x); inf = influence(blk, x, z, range(1, 6))``.
     """
+    if not callable(f):
+        raise TypeError(f"f must be a callable F(z, x) differentiable by torch.autograd, got {type(f).__name__}")
     if not isinstance(x, torch.Tensor) or not isinstance(z, torch.Tensor):
         raise TypeError(f"x and z must be tensors, got {type(x).__name__} and {type(z).__name__}")
     if x.dim() != 3 or z.shape != x.shape:
