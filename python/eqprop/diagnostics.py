@@ -150,3 +150,8 @@ def homeostatic_loss(
     f's parameters. Example: ``diagnostics.homeostatic_loss(layer, x, z, weight=lam).backward()``.
     """
     return _C.homeostatic_loss(as_field(f, x), z, _count("probes", probes), _seed(seed), float(weight), dist)
+
+
+from .gradients import Alignment, alignment, decompose, influence, lr_sweep, self_cosine  # noqa: E402
+
+__all__ += ["Alignment", "alignment", "self_cosine", "decompose", "lr_sweep", "influence"]
