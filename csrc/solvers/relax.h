@@ -2,7 +2,7 @@
 // differentiation (§5), and the differentiable unroll used by BPTT(h).
 //
 // Every solver has the same signature and the same result: the lowest-residual iterate per sample
-// plus per-sample stats (TorchDEQ's convention, STYLE.md). Samples are the first dimension of z;
+// plus per-sample stats (TorchDEQ's convention, docs/design.md §4). Samples are the first dimension of z;
 // fields are assumed sample-separable (F of one sample does not read another), as the block is.
 #pragma once
 #include <ATen/core/Tensor.h>

@@ -1,7 +1,7 @@
 """Plain PyTorch relaxation, adjoint iteration and dense Jacobians (test oracle / benchmark baseline).
 
 The same math as ``csrc/solvers/relax.cpp`` written as an eager loop over ``f(z, x)``: nothing in
-the library imports this module (STYLE.md).
+the library imports this module (docs/design.md §2).
 """
 
 from __future__ import annotations
