@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from .solvers import as_field
+from .solvers import as_field, relax
 
 __all__ = ["Alignment", "alignment", "self_cosine", "decompose", "lr_sweep", "influence", "default_group"]
 
@@ -439,8 +439,9 @@ def influence(
     x, z: [B, T, C] (z the fixed point, e.g. from :func:`eqprop.relax`); distances: ints in
     [0, T). probes: a count (Gaussian directions from ``seed``, normalized) or a tensor [P, C] of
     directions (used normalized). u = (∂F/∂x)v is a double-backward JVP; (I − J)w = u is solved by
-    Picard on J-vector products of ``as_field(f, x)``: w <- Jw + u, to ‖Δw‖ ≤ tol·‖w‖ (else
-    ArithmeticError). One solve per source position s and probe gives every d = t − s at once.
+    relaxing w <- Jw + u (J-vector products of ``as_field(f, x)``) with :func:`eqprop.relax` to a
+    relative residual ≤ tol per sample (else :class:`eqprop.NonConvergenceError`, an ArithmeticError).
+    One solve per source position s and probe gives every d = t − s at once.
     Averages over samples, positions t ≥ d and probes; SE = std / sqrt(n) treats those values as
     independent (they are not quite: positions share a sample).
 
@@ -493,18 +494,10 @@ def _influence(f, x, zs, distances, dirs, tol, max_steps) -> Influence:
             v = torch.zeros_like(x)
             v[:, s, :] = dirs[p]
             u = _x_jvp(f, zs, x, v)
-            w = u.clone()
-            for _ in range(max_steps):
-                w_new = fld.jvp(zs, w) + u
-                step = float((w_new - w).norm())
-                w = w_new
-                if step <= tol * max(float(w.norm()), 1e-300):
-                    break
-            else:
-                raise ArithmeticError(
-                    f"influence: the Picard solve (I - J)w = u did not reach tol={tol} in max_steps={max_steps} "
-                    "(is the fixed point contractive?)"
-                )
+            # (I − J)w = u: the engine's relaxation of w ↦ Jw + u (per sample, rel residual ≤ tol)
+            w, _ = relax(
+                lambda w, u: fld.jvp(zs, w) + u, u, z0=u, tol=tol, max_steps=max_steps, on_nonconvergence="raise"
+            )
             wn = w.norm(dim=2)  # [B, T]
             for d in wanted:
                 if s + d < T:
