@@ -239,6 +239,9 @@ def test_bad_inputs_name_the_argument(tmp_path):
         load_tokenizer(tmp_path / "none.json")
     with pytest.raises(ValueError, match="not a saved eqprop tokenizer"):
         load_tokenizer(write(tmp_path / "x.json", '{"a": 1}'))
+    damaged = {"format": "eqprop.tokenizer", "version": 1, "kind": "bpe", "vocab_size": 300, "hf": {"model": 1}}
+    with pytest.raises(ValueError, match="damaged"):
+        load_tokenizer(write(tmp_path / "d.json", json.dumps(damaged)))
 
     corpus = TextCorpus.prepare(data)  # 200 chars: 180 train, 20 val
     g = torch.Generator().manual_seed(0)

@@ -340,7 +340,10 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
             f"path={str(path)!r}: tokenizer format version {payload.get('version')!r} kind {payload.get('kind')!r} "
             f"is not readable by this eqprop (needs version {_FORMAT_VERSION}, kind in {KINDS})"
         )
-    return Tokenizer(payload)
+    try:
+        return Tokenizer(payload)
+    except Exception as err:  # a damaged file: the tokenizers library raises its own exception type
+        raise ValueError(f"path={str(path)!r}: the saved tokenizer is damaged ({type(err).__name__}: {err})") from None
 
 
 # --- the corpus ----------------------------------------------------------------------------------
@@ -487,6 +490,11 @@ class TextCorpus:
         length = _check_int("length", length, 1)
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != "cpu":
+            raise ValueError(
+                f"generator must be a CPU torch.Generator (the ids live on the CPU; move the batch to the "
+                f"device afterwards), got one on {generator.device}"
+            )
         if length > ids.numel():
             raise ValueError(f"length={length} is longer than the {split} split ({ids.numel()} tokens)")
         starts = torch.randint(0, ids.numel() - length + 1, (batch,), generator=generator)
