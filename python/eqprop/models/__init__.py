@@ -1,10 +1,21 @@
 """Plain PyTorch models that the trainers in ``eqprop.train`` fit (the baselines equilibrium models are
-measured against), and the interface they share with ``eqprop.EquilibriumLM`` (``interface``)."""
+measured against), the interface they share with ``eqprop.EquilibriumLM`` (``interface``), and the
+sequence-mixing layers of the length-generalization study (``attention``: sliding-window attention)."""
 
+from .attention import sliding_window_attention, sliding_window_mask
 from .interface import next_token_nll
-from .transformer import POS_ENCODINGS, Transformer, alibi_bias, alibi_slopes, apply_rope, sinusoidal_table
+from .transformer import (
+    ATTENTIONS,
+    POS_ENCODINGS,
+    Transformer,
+    alibi_bias,
+    alibi_slopes,
+    apply_rope,
+    sinusoidal_table,
+)
 
 __all__ = [
+    "ATTENTIONS",
     "POS_ENCODINGS",
     "Transformer",
     "next_token_nll",
@@ -12,4 +23,6 @@ __all__ = [
     "alibi_slopes",
     "apply_rope",
     "sinusoidal_table",
+    "sliding_window_attention",
+    "sliding_window_mask",
 ]
