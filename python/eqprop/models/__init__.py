@@ -1,6 +1,7 @@
 """Plain PyTorch models that the trainers in ``eqprop.train`` fit (the baselines equilibrium models are
 measured against), the interface they share with ``eqprop.EquilibriumLM`` (``interface``), and the
-sequence-mixing layers of the length-generalization study (``attention``: sliding-window attention)."""
+sequence-mixing layers of the length-generalization study (``attention``: sliding-window attention;
+``ttt``: TTT-Linear / TTT-MLP)."""
 
 from .attention import sliding_window_attention, sliding_window_mask
 from .interface import next_token_nll
@@ -13,6 +14,7 @@ from .transformer import (
     apply_rope,
     sinusoidal_table,
 )
+from .ttt import TTT_KINDS, TTTLayer, ttt_linear, ttt_mlp
 
 __all__ = [
     "ATTENTIONS",
@@ -25,4 +27,8 @@ __all__ = [
     "sinusoidal_table",
     "sliding_window_attention",
     "sliding_window_mask",
+    "TTT_KINDS",
+    "TTTLayer",
+    "ttt_linear",
+    "ttt_mlp",
 ]

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import sliding_window_attention
 from .interface import next_token_nll
+from .ttt import TTTLayer
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
 #: The sequence-mixing layer of every block (docs/design.md §9); the rest of the model is the same for all.
@@ -159,7 +160,9 @@ class Block(nn.Module):
 
 
 def _ttt_layer(attention: str, d_model: int, n_head: int, ttt_batch: int) -> nn.Module:
-    raise NotImplementedError(f"attention={attention!r} (TTT layers) is not implemented yet")
+    # ttt_linear -> TTTLayer(kind="linear"), ttt_mlp -> kind="mlp"; its output projection is named
+    # `proj` like attention's, so the GPT-2 residual scaling below applies to it too
+    return TTTLayer(d_model, n_head, attention.removeprefix("ttt_"), mini_batch=ttt_batch)
 
 
 class Transformer(nn.Module):
