@@ -183,6 +183,16 @@ def test_influence_matches_finite_difference_jacobian():
     assert torch.allclose(one.mean, inf.mean, rtol=1e-10, atol=0) and one.n == inf.n
     with pytest.raises(ValueError, match="max_elements"):
         influence(blk, x, z, dists, max_elements=0)
+    # a subset of source positions s averages only the pairs (t, s = t − d) with s in it
+    sub = influence(blk, x, z, dists, probes=probes, tol=1e-14, sources=[0, 3])
+    for i, d in enumerate(dists):
+        vals = [float((D[s + d, :, s, :] @ v[p]).norm()) for p in range(2) for s in (0, 3) if s + d < T]
+        assert float(sub.mean[i]) == pytest.approx(sum(vals) / len(vals), rel=1e-6, abs=1e-9)
+        assert sub.n[i] == len(vals)
+    with pytest.raises(ValueError, match="5"):
+        influence(blk, x, z, [5], sources=[1, 2])  # no target s + 5 < 6
+    with pytest.raises(ValueError, match="sources"):
+        influence(blk, x, z, [1], sources=[T])
     with pytest.raises(ValueError, match="distances"):
         influence(blk, x, z, [T])
 

@@ -444,6 +444,7 @@ def influence(
     tol: float = 1e-10,
     max_steps: int = 2000,
     max_elements: int = 1 << 22,
+    sources: Optional[Iterable[int]] = None,
 ) -> Influence:
     """Influence of input position t − d on state position t at the fixed point z* (docs/design.md §7):
     ‖w_t‖ with w = (I − J)⁻¹(∂F/∂x)v, v a unit probe [C] on position t − d of x (zero elsewhere).
@@ -457,7 +458,9 @@ def influence(
     One solve per source position s and probe gives every d = t − s at once; all (source, probe)
     pairs are stacked on the batch axis and solved by one relaxation (in chunks of at most
     ``max_elements`` numbers), so f must treat the samples of a batch independently.
-    Averages over samples, positions t ≥ d and probes; SE = std / sqrt(n) treats those values as
+    sources: the source positions s = t − d to average over (ints in [0, T); default all): the
+    cost is one solve per source and probe, so a subset shortens long sequences.
+    Averages over samples, positions t ≥ d (with t − d in ``sources``) and probes; SE = std / sqrt(n) treats those values as
     independent (they are not quite: positions share a sample).
 
     Example: ``z, _ = eqprop.relax(blk, x); inf = influence(blk, x, z, range(1, 6))``.
@@ -482,6 +485,15 @@ def influence(
             raise ValueError(f"probes must be >= 1, got {probes}")
         gen = torch.Generator().manual_seed(int(seed))
         dirs = torch.randn(int(probes), C, generator=gen, dtype=torch.float64).to(x.dtype)
+    if sources is None:
+        sources = list(range(T))
+    else:
+        sources = sorted({int(s) for s in sources})
+        if not sources or not all(0 <= s < T for s in sources):
+            raise ValueError(f"sources must be a non-empty list of ints in [0, T={T}), got {sources}")
+    far = [d for d in distances if not any(s + d < T for s in sources)]
+    if far:
+        raise ValueError(f"distances {far} have no target position s + d < T={T} for any source in {sources}")
     if isinstance(max_elements, bool) or not isinstance(max_elements, int) or max_elements < 1:
         raise ValueError(f"max_elements must be an int >= 1, got {max_elements!r}")
     norms = dirs.norm(dim=1, keepdim=True)
@@ -496,35 +508,36 @@ def influence(
         f.eval()
     try:
         # Pairs per relaxation: the stacked batch holds n·B·T·C numbers; keep it near max_elements.
-        chunk = max(1, min(dirs.shape[0] * T, int(max_elements) // max(1, x.numel())))
-        return _influence(f, x, z.detach(), distances, dirs, tol, max_steps, chunk)
+        chunk = max(1, min(dirs.shape[0] * len(sources), int(max_elements) // max(1, x.numel())))
+        return _influence(f, x, z.detach(), distances, dirs, tol, max_steps, chunk, sources)
     finally:
         if was_training:
             f.train(True)
 
 
-def _influence(f, x, zs, distances, dirs, tol, max_steps, chunk) -> Influence:
+def _influence(f, x, zs, distances, dirs, tol, max_steps, chunk, sources) -> Influence:
     B, T, C = x.shape
-    wanted = sorted(set(distances) | ({1} if T > 1 else set()))  # d = 1 normalizes the curve
+    # d = 1 normalizes the curve (NaN when no source has a target at d = 1)
+    wanted = sorted(set(distances) | ({1} if any(s + 1 < T for s in sources) else set()))
     values = {d: [] for d in wanted}  # each: tensor [n, B] per chunk of (probe, source) pairs
-    pairs = [(p, s) for p in range(dirs.shape[0]) for s in range(T)]
+    pairs = [(p, s) for p in range(dirs.shape[0]) for s in sources]
     for lo in range(0, len(pairs), chunk):
-        block = pairs[lo : lo + chunk]
-        n = len(block)
-        # Every (probe, source) pair is one more copy of the batch: [n, B, T, C] -> [n·B, T, C], so
+        chunk_pairs = pairs[lo : lo + chunk]
+        m = len(chunk_pairs)
+        # Every (probe, source) pair is one more copy of the batch: [m, B, T, C] -> [m·B, T, C], so
         # a single relaxation solves them all (samples are independent: J is block diagonal).
-        v = torch.zeros(n, B, T, C, dtype=x.dtype, device=x.device)
-        for i, (p, s) in enumerate(block):
+        v = torch.zeros(m, B, T, C, dtype=x.dtype, device=x.device)
+        for i, (p, s) in enumerate(chunk_pairs):
             v[i, :, s, :] = dirs[p]
-        xs = x.unsqueeze(0).expand(n, B, T, C).reshape(n * B, T, C)
-        zr = zs.unsqueeze(0).expand(n, B, T, C).reshape(n * B, T, C)
-        u = _x_jvp(f, zr, xs, v.reshape(n * B, T, C))
+        xs = x.unsqueeze(0).expand(m, B, T, C).reshape(m * B, T, C)
+        zr = zs.unsqueeze(0).expand(m, B, T, C).reshape(m * B, T, C)
+        u = _x_jvp(f, zr, xs, v.reshape(m * B, T, C))
         fld = as_field(f, xs)
         # (I − J)w = u: the engine's relaxation of w ↦ Jw + u (per sample, rel residual ≤ tol)
         w, _ = relax(lambda w, u: fld.jvp(zr, w) + u, u, z0=u, tol=tol, max_steps=max_steps, on_nonconvergence="raise")
-        wn = w.norm(dim=2).reshape(n, B, T)  # ‖w_t‖ for every pair, sample, target position t
+        wn = w.norm(dim=2).reshape(m, B, T)  # ‖w_t‖ for every pair, sample, target position t
         for d in wanted:
-            rows = [(i, s + d) for i, (_, s) in enumerate(block) if s + d < T]
+            rows = [(i, s + d) for i, (_, s) in enumerate(chunk_pairs) if s + d < T]
             if rows:
                 idx, tgt = zip(*rows)
                 values[d].append(wn[list(idx), :, list(tgt)])  # [rows, B]
@@ -535,7 +548,7 @@ def _influence(f, x, zs, distances, dirs, tol, max_steps, chunk) -> Influence:
         se.append(float(vals.std() / math.sqrt(vals.numel())) if vals.numel() > 1 else float("nan"))
         n.append(int(vals.numel()))
     mean_t, se_t = torch.tensor(mean, dtype=torch.float64), torch.tensor(se, dtype=torch.float64)
-    if T > 1:
+    if values.get(1):
         ref = torch.cat([v.reshape(-1) for v in values[1]]).to(torch.float64).mean()
     else:
         ref = torch.tensor(float("nan"), dtype=torch.float64)

@@ -1,7 +1,8 @@
 """Figures of the diagnostics (docs/design.md §6, §7), with matplotlib (imported on first use).
 
 Every function takes a result (or, where comparing makes sense, a dict label -> result), draws into
-the given axes or a new figure, and returns the matplotlib Figure. The results' ``.plot()`` methods
+the given axes (the caller then lays out its figure) or a new, laid-out figure, and returns the
+matplotlib Figure. The results' ``.plot()`` methods
 call these.
 
 ============================  ======================================================  =================
@@ -46,19 +47,20 @@ def _pyplot():
 
 
 def _panels(axes: Any, n: int, figsize: tuple, what: str) -> tuple:
-    """(figure, [n axes]): new ones when axes is None, else the n axes given (one Axes for n = 1)."""
+    """(figure, [n axes], own): a new figure (own = True) when axes is None, else the n axes given
+    (one Axes for n = 1), whose figure the caller lays out."""
     if axes is None:
         fig, grid = _pyplot().subplots(1, n, figsize=figsize, squeeze=False)
-        return fig, list(grid[0])
+        return fig, list(grid[0]), True
     if n == 1 and hasattr(axes, "plot"):
-        return axes.figure, [axes]
+        return axes.figure, [axes], False
     try:
         axes = list(getattr(axes, "flat", axes))
     except TypeError:
         axes = [axes]
     if len(axes) != n or not all(hasattr(a, "plot") for a in axes):
         raise ValueError(f"{what} draws {n} panel(s): pass {'an Axes' if n == 1 else f'{n} Axes'} or None, got {axes!r}")
-    return axes[0].figure, axes
+    return axes[0].figure, axes, False
 
 
 def _labelled(results: Any, kind: tuple, what: str) -> dict:
@@ -89,7 +91,7 @@ def _grouped_bars(ax, groups: list, series: dict, width: float = 0.8) -> None:
 
 
 def plot_alignments(results: Any, axes: Any = None):
-    """Alignment per parameter group: left cos(a, b), right k = ‖a‖/‖b‖ (log y), one bar per group and
+    """Alignment per parameter group: left cos(a, b), right k = ‖a‖/‖b‖, one bar per group and
     result, the last group ``overall``. results: an :class:`eqprop.gradients.Alignment` or a dict
     label -> Alignment (e.g. ``{"EP sym": alignment(ep, implicit), "BPTT": alignment(bptt, implicit)}``).
 
@@ -111,7 +113,8 @@ def plot_alignments(results: Any, axes: Any = None):
             a.overall_cos if i == 0 else a.overall_ratio
         ]
 
-    fig, (ax_c, ax_k) = _panels(axes, 2, (max(8.0, 0.9 * len(groups) * max(1, len(res)) ** 0.5 + 4), 3.4), "plot_alignments")
+    width = min(14.0, 4.0 + 0.35 * len(groups) * (1 + 0.5 * len(res)))
+    fig, (ax_c, ax_k), own = _panels(axes, 2, (width, 3.4), "plot_alignments")
     _grouped_bars(ax_c, groups, {lab: column(a, 0) for lab, a in res.items()})
     _grouped_bars(ax_k, groups, {lab: column(a, 1) for lab, a in res.items()})
     ax_c.axhline(0.0, color="k", lw=0.5)
@@ -119,11 +122,12 @@ def plot_alignments(results: Any, axes: Any = None):
     la, lb = next(iter(res.values())).labels
     ax_c.set_ylabel(f"cos({la}, {lb})")
     ax_k.axhline(1.0, color="k", lw=0.5)
-    ax_k.set_yscale("log")
+    ax_k.set_ylim(bottom=0.0)
     ax_k.set_ylabel(f"k = |{la}| / |{lb}|")
     if len(res) > 1 or "" not in res:
         ax_c.legend(fontsize="small")
-    fig.tight_layout()
+    if own:  # a figure of its own; the caller lays out axes it passed in
+        fig.tight_layout()
     return fig
 
 
@@ -137,7 +141,7 @@ def plot_self_cosine(result: Any, ax: Any = None):
 
     if not isinstance(result, SelfCosine):
         raise TypeError(f"plot_self_cosine takes a SelfCosine, got {type(result).__name__}")
-    fig, (ax,) = _panels(ax, 1, (3.6, 3.2), "plot_self_cosine")
+    fig, (ax,), own = _panels(ax, 1, (3.6, 3.2), "plot_self_cosine")
     im = ax.imshow(_np(result.matrix), vmin=-1.0, vmax=1.0, cmap="RdBu_r")
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_xlabel("batch")
@@ -157,14 +161,15 @@ def plot_self_cosines(results: Any, ax: Any = None):
     from .gradients import SelfCosine
 
     res = _labelled(results, (SelfCosine,), "plot_self_cosines")
-    fig, (ax,) = _panels(ax, 1, (max(3.5, 1.0 * len(res) + 1.5), 3.2), "plot_self_cosines")
+    fig, (ax,), own = _panels(ax, 1, (max(3.5, 1.0 * len(res) + 1.5), 3.2), "plot_self_cosines")
     labels = list(res)
     ax.bar(labels, [r.mean for r in res.values()], yerr=[0.0 if math.isnan(r.se) else r.se for r in res.values()])
     ax.axhline(0.0, color="k", lw=0.5)
     ax.set_ylim(-1.05, 1.05)
     ax.set_ylabel("batch self-cosine")
     ax.tick_params(axis="x", labelrotation=30)
-    fig.tight_layout()
+    if own:  # a figure of its own; the caller lays out axes it passed in
+        fig.tight_layout()
     return fig
 
 
@@ -182,7 +187,7 @@ def plot_decomposition(result: Any, axes: Any = None):
         raise TypeError(f"plot_decomposition takes a Decomposition, got {type(result).__name__}")
     groups = [str(g) for g in result.per_group] + ["overall"]
     rows = list(result.per_group.values()) + [(result.cos, result.ratio, result.cos_total, 0)]
-    fig, (ax_c, ax_r) = _panels(axes, 2, (max(8.0, 0.8 * len(groups) + 4), 3.4), "plot_decomposition")
+    fig, (ax_c, ax_r), own = _panels(axes, 2, (max(8.0, 0.8 * len(groups) + 4), 3.4), "plot_decomposition")
     _grouped_bars(ax_c, groups, {"cos(task, penalty)": [r[0] for r in rows], "cos(task, total)": [r[2] for r in rows]})
     ax_c.axhline(0.0, color="k", lw=0.5)
     ax_c.set_ylim(-1.05, 1.05)
@@ -191,7 +196,8 @@ def plot_decomposition(result: Any, axes: Any = None):
     ax_r.axhline(1.0, color="k", lw=0.5)
     ax_r.set_yscale("log")
     ax_r.set_ylabel("|penalty| / |task|")
-    fig.tight_layout()
+    if own:  # a figure of its own; the caller lays out axes it passed in
+        fig.tight_layout()
     return fig
 
 
@@ -206,7 +212,7 @@ def plot_lr_sweep(results: Any, ax: Any = None):
     from .gradients import LrSweep
 
     res = _labelled(results, (LrSweep,), "plot_lr_sweep")
-    fig, (ax,) = _panels(ax, 1, (4.5, 3.2), "plot_lr_sweep")
+    fig, (ax,), own = _panels(ax, 1, (4.5, 3.2), "plot_lr_sweep")
     for label, sweep in res.items():
         ax.plot([lr for lr, _ in sweep], [d for _, d in sweep], "o-", label=label or None)
     ax.set_xscale("log")
@@ -215,7 +221,8 @@ def plot_lr_sweep(results: Any, ax: Any = None):
     ax.set_ylabel("ΔCE after one step (nats)")
     if "" not in res:
         ax.legend(fontsize="small")
-    fig.tight_layout()
+    if own:  # a figure of its own; the caller lays out axes it passed in
+        fig.tight_layout()
     return fig
 
 
@@ -231,7 +238,7 @@ def plot_influence(results: Any, axes: Any = None):
     from .gradients import Influence
 
     res = _labelled(results, (Influence,), "plot_influence")
-    fig, (ax_m, ax_n) = _panels(axes, 2, (9.0, 3.2), "plot_influence")
+    fig, (ax_m, ax_n), own = _panels(axes, 2, (9.0, 3.2), "plot_influence")
     for j, (label, inf) in enumerate(res.items()):
         d, m, se = list(inf.distances), _np(inf.mean), _np(inf.se)
         ax_m.plot(d, m, "o-", color=f"C{j}", label=label or None)
@@ -244,17 +251,21 @@ def plot_influence(results: Any, axes: Any = None):
     ax_n.set_ylabel("normalized by d = 1")
     if "" not in res:
         ax_m.legend(fontsize="small")
-    fig.tight_layout()
+    if own:  # a figure of its own; the caller lays out axes it passed in
+        fig.tight_layout()
     return fig
 
 
 # ---- model ----------------------------------------------------------------------------------------
 
 
-def plot_per_position_ce(results: Any, ax: Any = None, *, reference: Optional[Any] = None):
+def plot_per_position_ce(
+    results: Any, ax: Any = None, *, reference: Optional[Any] = None, reference_label: str = "reference"
+):
     """Mean next-token CE against position with a ±1 SE band, one line per result. results: a
     :class:`eqprop.model_stats.PerPositionCE` or a dict label -> PerPositionCE. reference: an
-    optional [T] curve drawn dashed (e.g. the Bayes-optimal NLL per position, ``eqprop.markov``).
+    optional [T] curve drawn dashed and labelled ``reference_label`` (e.g. the Bayes-optimal NLL
+    per position, ``eqprop.markov.bayes_nll(tokens, k).mean(0)``).
 
     Reading it: where along the sequence the model loses (in-context learning shows as CE falling
     with position). Example: ``plot_per_position_ce(per_position_ce(lm, tokens))``.
@@ -262,19 +273,20 @@ def plot_per_position_ce(results: Any, ax: Any = None, *, reference: Optional[An
     from .model_stats import PerPositionCE
 
     res = _labelled(results, (PerPositionCE,), "plot_per_position_ce")
-    fig, (ax,) = _panels(ax, 1, (5.0, 3.2), "plot_per_position_ce")
+    fig, (ax,), own = _panels(ax, 1, (5.0, 3.2), "plot_per_position_ce")
     for j, (label, ce) in enumerate(res.items()):
         t, m, se = _np(ce.positions), _np(ce.mean), _np(ce.se)
         ax.plot(t, m, "-", color=f"C{j}", label=label or None)
         ax.fill_between(t, m - se, m + se, color=f"C{j}", alpha=0.25, lw=0)
     if reference is not None:
         r = _np(torch.as_tensor(reference))
-        ax.plot(range(len(r)), r, "k--", lw=1, label="reference")
+        ax.plot(range(len(r)), r, "k--", lw=1, label=reference_label)
     ax.set_xlabel("position t")
     ax.set_ylabel("CE (nats)")
     if "" not in res or reference is not None:
         ax.legend(fontsize="small")
-    fig.tight_layout()
+    if own:  # a figure of its own; the caller lays out axes it passed in
+        fig.tight_layout()
     return fig
 
 
@@ -292,7 +304,7 @@ def plot_branch_stats(result: Any, axes: Any = None):
 
     if not isinstance(result, BranchStats):
         raise TypeError(f"plot_branch_stats takes a BranchStats, got {type(result).__name__}")
-    fig, (a1, a2, a3, a4) = _panels(axes, 4, (13.0, 3.2), "plot_branch_stats")
+    fig, (a1, a2, a3, a4), own = _panels(axes, 4, (13.0, 3.2), "plot_branch_stats")
     a1.bar(["attn", "ffn"], [result.attn_ratio_overall, result.ffn_ratio_overall], color=["C0", "C1"])
     for i, r in enumerate((result.attn_ratio, result.ffn_ratio)):
         a1.plot([i] * r.numel(), _np(r), "k.", ms=4)
@@ -311,7 +323,8 @@ def plot_branch_stats(result: Any, axes: Any = None):
     )
     a4.set_ylabel("weight norm")
     a4.tick_params(axis="x", labelrotation=30)
-    fig.tight_layout()
+    if own:  # a figure of its own; the caller lays out axes it passed in
+        fig.tight_layout()
     return fig
 
 
@@ -343,7 +356,7 @@ def plot_controller_history(
     if not rows:
         raise ValueError("history is empty: nothing to plot")
     steps = [d["step"] for d in rows]
-    fig, (a1, a2, a3) = _panels(axes, 3, (12.0, 3.2), "plot_controller_history")
+    fig, (a1, a2, a3), own = _panels(axes, 3, (12.0, 3.2), "plot_controller_history")
     a1.plot(steps, [d["jr"] for d in rows], "-", color="C0")
     if any(d["jr"] > 0 for d in rows):
         a1.set_yscale("log")
@@ -363,5 +376,6 @@ def plot_controller_history(
     a3.set_ylabel("penalty share of the update")
     for ax in (a1, a2, a3):
         ax.set_xlabel("step")
-    fig.tight_layout()
+    if own:  # a figure of its own; the caller lays out axes it passed in
+        fig.tight_layout()
     return fig
