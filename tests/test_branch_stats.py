@@ -162,7 +162,9 @@ def test_per_position_ce_by_hand(kind):
     torch.manual_seed(5)
     V, T, B = 3, 9, 6
     if kind == "lm":
-        model = EquilibriumLM(V, 8, 2, max_len=T, dtype=F64, spectral_rho=0.8, fixed_point=dict(tol=1e-12, max_steps=300))
+        model = EquilibriumLM(
+            V, 8, 2, max_len=T, dtype=F64, spectral_rho=0.8, fixed_point=dict(tol=1e-12, max_steps=300)
+        )
     else:
         model = Transformer(V, n_layer=2, n_head=2, d_model=8, max_len=T).to(F64)
     tokens = torch.randint(0, V, (B, T))

@@ -460,8 +460,8 @@ def influence(
     ``max_elements`` numbers), so f must treat the samples of a batch independently.
     sources: the source positions s = t − d to average over (ints in [0, T); default all): the
     cost is one solve per source and probe, so a subset shortens long sequences.
-    Averages over samples, positions t ≥ d (with t − d in ``sources``) and probes; SE = std / sqrt(n) treats those values as
-    independent (they are not quite: positions share a sample).
+    Averages over samples, positions t ≥ d (with t − d in ``sources``) and probes; SE = std / sqrt(n)
+    treats those values as independent (they are not quite: positions share a sample).
 
     Example: ``z, _ = eqprop.relax(blk, x); inf = influence(blk, x, z, range(1, 6))``.
     """
@@ -534,7 +534,14 @@ def _influence(f, x, zs, distances, dirs, tol, max_steps, chunk, sources) -> Inf
         u = _x_jvp(f, zr, xs, v.reshape(m * B, T, C))
         fld = as_field(f, xs)
         # (I − J)w = u: the engine's relaxation of w ↦ Jw + u (per sample, rel residual ≤ tol)
-        w, _ = relax(lambda w, u: fld.jvp(zr, w) + u, u, z0=u, tol=tol, max_steps=max_steps, on_nonconvergence="raise")
+        w, _ = relax(
+            lambda w, u, fld=fld, zr=zr: fld.jvp(zr, w) + u,
+            u,
+            z0=u,
+            tol=tol,
+            max_steps=max_steps,
+            on_nonconvergence="raise",
+        )
         wn = w.norm(dim=2).reshape(m, B, T)  # ‖w_t‖ for every pair, sample, target position t
         for d in wanted:
             rows = [(i, s + d) for i, (_, s) in enumerate(chunk_pairs) if s + d < T]

@@ -43,7 +43,8 @@ class PerPositionCE:
         return torch.arange(self.mean.numel())
 
     def plot(self, ax=None):
-        """Mean CE against position with a ±1 SE band; returns the Figure (:func:`eqprop.plots.plot_per_position_ce`)."""
+        """Mean CE against position with a ±1 SE band; returns the Figure
+        (:func:`eqprop.plots.plot_per_position_ce`)."""
         from .plots import plot_per_position_ce
 
         return plot_per_position_ce(self, ax=ax)
@@ -66,7 +67,9 @@ def per_position_ce(model: Any, tokens: Tensor, *, batch_size: Optional[int] = N
     Example: ``ce = per_position_ce(lm, markov.sample(64, 1, seq_len=100)); ce.plot()``.
     """
     if not callable(getattr(model, "token_nll", None)):
-        raise TypeError(f"model must have a token_nll(tokens) method (eqprop.models.interface), got {type(model).__name__}")
+        raise TypeError(
+            f"model must have a token_nll(tokens) method (eqprop.models.interface), got {type(model).__name__}"
+        )
     if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long or tokens.shape[0] < 1:
         got = f"{tokens.dtype} of shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
         raise ValueError(f"tokens must be an int64 tensor [B, T] with B >= 1, got {got}")

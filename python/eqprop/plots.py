@@ -59,7 +59,9 @@ def _panels(axes: Any, n: int, figsize: tuple, what: str) -> tuple:
     except TypeError:
         axes = [axes]
     if len(axes) != n or not all(hasattr(a, "plot") for a in axes):
-        raise ValueError(f"{what} draws {n} panel(s): pass {'an Axes' if n == 1 else f'{n} Axes'} or None, got {axes!r}")
+        raise ValueError(
+            f"{what} draws {n} panel(s): pass {'an Axes' if n == 1 else f'{n} Axes'} or None, got {axes!r}"
+        )
     return axes[0].figure, axes, False
 
 
@@ -351,7 +353,9 @@ def plot_controller_history(
     for i, h in enumerate(history):
         d = h.as_dict() if hasattr(h, "as_dict") else h
         if not isinstance(d, dict) or not {"step", "jr", "residual"} <= set(d):
-            raise TypeError(f"history[{i}] must be a Decision or a dict with step, jr, residual; got {type(h).__name__}")
+            raise TypeError(
+                f"history[{i}] must be a Decision or a dict with step, jr, residual; got {type(h).__name__}"
+            )
         rows.append(d)
     if not rows:
         raise ValueError("history is empty: nothing to plot")
