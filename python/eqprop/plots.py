@@ -376,7 +376,8 @@ def plot_controller_history(
         a2.legend(fontsize="small")
     shared = [(d["step"], d["penalty_share"]) for d in rows if d.get("penalty_share") is not None]
     a3.plot([s for s, _ in shared], [p for _, p in shared], "-", color="C2")
-    a3.set_ylim(-0.02, 1.02)
+    if all(0.0 <= p <= 1.0 for _, p in shared):  # a share as a fraction: show the whole [0, 1]
+        a3.set_ylim(-0.02, 1.02)
     a3.set_ylabel("penalty share of the update")
     for ax in (a1, a2, a3):
         ax.set_xlabel("step")
