@@ -262,3 +262,19 @@ def test_penalty_on_equilibrium_block_matches_diagnostics():
     p.backward()
     assert all(q.grad is not None for q in blk.param_list() if q.requires_grad)
     assert any(q.grad.abs().max() > 0 for q in blk.param_list())
+
+
+def test_record_penalty_share_attaches_to_the_last_decision():
+    ctl = ContractionController(jacreg=0.1)
+    with pytest.raises(ValueError, match="step"):
+        ctl.record_penalty_share(0.5)
+    ctl.step(0.1)
+    ctl.step(0.2, penalty_share=0.9)
+    ctl.record_penalty_share(0.25)  # overrides what step() was given, for the last step only
+    assert [h["penalty_share"] for h in ctl.history] == [None, 0.25]
+    with pytest.raises(TypeError, match="share"):
+        ctl.record_penalty_share("high")
+    # the share survives a state_dict round trip
+    other = ContractionController(jacreg=0.1)
+    other.load_state_dict(ctl.state_dict())
+    assert other.history == ctl.history

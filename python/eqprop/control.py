@@ -17,6 +17,9 @@ Trainer loop (one optimizer step)::
     if d.stop: break                                      # fuse tripped: keep last checkpoint
     loss = (task_loss if d.task_enabled else 0) + ctl.penalty(block, x, z.detach())
     loss.backward(); opt.step(); ctl.update_ema(model)
+
+``ctl.record_penalty_share(share)`` adds the penalty's share of the update to the step's log entry
+and ``ctl.plot()`` draws the history (jr, residual, share against step).
 """
 
 from __future__ import annotations
@@ -243,6 +246,29 @@ class ContractionController:
         if not stop:
             self.step_count += 1
         return d
+
+    def record_penalty_share(self, share: float) -> None:
+        """Log the penalty share of the update of the step just decided (known only after the
+        backward pass, so :meth:`step` cannot take it): sets ``history[-1]["penalty_share"]``.
+
+        share: a real number, e.g. ‖∇penalty‖ / (‖∇task‖ + ‖∇penalty‖) (docs/design.md §6).
+        Example: ``d = ctl.step(info); ...; ctl.record_penalty_share(float(gp / (gt + gp)))``
+        """
+        if not _is_number(share):
+            raise TypeError(f"share must be a real number, got {type(share).__name__} {share!r}")
+        if not self.history:
+            raise ValueError("no decision to attach the share to: call step(info) first")
+        self.history[-1]["penalty_share"] = float(share)
+
+    def plot(self, axes=None):
+        """jr, residual (with res_target and fuse) and penalty share against step from
+        ``history``; returns the Figure (:func:`eqprop.plots.plot_controller_history`).
+
+        Example: ``ctl.plot().savefig("controller.png")``
+        """
+        from .plots import plot_controller_history
+
+        return plot_controller_history(self.history, axes=axes, res_target=self.res_target, fuse=self.fuse)
 
     # ---- penalty -------------------------------------------------------------------------------
     def probe_seeds(self) -> tuple[int, int]:

@@ -6,6 +6,10 @@ the batch); Frobenius-type quantities are over the whole state and normalized by
 Monte-Carlo estimates return a :class:`MonteCarlo` (value, standard error, probes); probes are
 Rademacher (default) or Gaussian, drawn from a CPU generator seeded with ``seed``. All run in C++
 (``csrc/diagnostics``).
+
+The gradient diagnostics (:mod:`eqprop.gradients`: alignment, self-cosine, task/penalty split,
+one-step lr sweep, influence) and the model diagnostics (:mod:`eqprop.model_stats`: per-position CE,
+branch statistics) are re-exported here; their figures are in :mod:`eqprop.plots`.
 """
 
 from __future__ import annotations
@@ -152,6 +156,33 @@ def homeostatic_loss(
     return _C.homeostatic_loss(as_field(f, x), z, _count("probes", probes), _seed(seed), float(weight), dist)
 
 
-from .gradients import Alignment, alignment, decompose, influence, lr_sweep, self_cosine  # noqa: E402
+from .gradients import (  # noqa: E402
+    Alignment,
+    Decomposition,
+    Influence,
+    LrSweep,
+    SelfCosine,
+    alignment,
+    decompose,
+    influence,
+    lr_sweep,
+    self_cosine,
+)
+from .model_stats import BranchStats, PerPositionCE, branch_stats, per_position_ce  # noqa: E402
 
-__all__ += ["Alignment", "alignment", "self_cosine", "decompose", "lr_sweep", "influence"]
+__all__ += [
+    "Alignment",
+    "alignment",
+    "SelfCosine",
+    "self_cosine",
+    "Decomposition",
+    "decompose",
+    "LrSweep",
+    "lr_sweep",
+    "Influence",
+    "influence",
+    "PerPositionCE",
+    "per_position_ce",
+    "BranchStats",
+    "branch_stats",
+]

@@ -17,13 +17,25 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
 
 import torch
 
 from .solvers import as_field, relax
 
-__all__ = ["Alignment", "alignment", "self_cosine", "decompose", "lr_sweep", "influence", "default_group"]
+__all__ = [
+    "Alignment",
+    "alignment",
+    "SelfCosine",
+    "self_cosine",
+    "Decomposition",
+    "decompose",
+    "LrSweep",
+    "lr_sweep",
+    "Influence",
+    "influence",
+    "default_group",
+]
 
 
 # ---- parameter groups ---------------------------------------------------------------------------
@@ -186,21 +198,11 @@ class Alignment:
     def __str__(self) -> str:
         return self.table()
 
-    def plot(self, ax=None):
-        """Bar chart of the per-group cosines (matplotlib, imported here). Returns the axes."""
-        import matplotlib.pyplot as plt
+    def plot(self, axes=None):
+        """cos and k per group as bars (two panels); returns the Figure (:func:`eqprop.plots.plot_alignments`)."""
+        from .plots import plot_alignments
 
-        if ax is None:
-            _, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(self.per_group) + 1.5), 3.0))
-        groups = [str(g) for g in self.per_group]
-        ax.bar(groups, [c for c, _, _ in self.per_group.values()], color="C0")
-        ax.axhline(self.overall_cos, color="C3", ls="--", lw=1, label=f"overall {self.overall_cos:.3f}")
-        ax.axhline(0.0, color="k", lw=0.5)
-        ax.set_ylim(-1.05, 1.05)
-        ax.set_ylabel(f"cos({self.labels[0]}, {self.labels[1]})")
-        ax.tick_params(axis="x", labelrotation=45)
-        ax.legend(loc="lower right", fontsize="small")
-        return ax
+        return plot_alignments(self, axes=axes)
 
 
 def alignment(a: Any, b: Any, groups: Any = None) -> Alignment:
@@ -226,7 +228,22 @@ def alignment(a: Any, b: Any, groups: Any = None) -> Alignment:
 # ---- batch self-cosine ----------------------------------------------------------------------------
 
 
-def self_cosine(estimator: Any, f: Any, batches: Iterable, loss_fn: Optional[Callable] = None):
+class SelfCosine(NamedTuple):
+    """Batch self-cosine (docs/design.md §7): ``mean`` pairwise cosine, its jackknife ``se`` and the
+    [N, N] cosine ``matrix``; unpacks as ``mean, se, matrix``."""
+
+    mean: float
+    se: float
+    matrix: torch.Tensor
+
+    def plot(self, ax=None):
+        """The cosine matrix as an image; returns the Figure (:func:`eqprop.plots.plot_self_cosine`)."""
+        from .plots import plot_self_cosine
+
+        return plot_self_cosine(self, ax=ax)
+
+
+def self_cosine(estimator: Any, f: Any, batches: Iterable, loss_fn: Optional[Callable] = None) -> SelfCosine:
     """Batch self-cosine of one estimator (docs/design.md §7): the mean pairwise cosine of its
     flattened gradients on N ≥ 2 batches.
 
@@ -262,7 +279,7 @@ def self_cosine(estimator: Any, f: Any, batches: Iterable, loss_fn: Optional[Cal
     off = ~torch.eye(n, dtype=torch.bool)
     mean = float(m[off].mean())
     if n == 2:
-        return mean, float("nan"), m
+        return SelfCosine(mean, float("nan"), m)
     # Jackknife over batches: leave batch i out, mean over the remaining pairs.
     loo = []
     for i in range(n):
@@ -272,7 +289,7 @@ def self_cosine(estimator: Any, f: Any, batches: Iterable, loss_fn: Optional[Cal
         loo.append(float(sub[~torch.eye(n - 1, dtype=torch.bool)].mean()))
     loo_t = torch.tensor(loo, dtype=torch.float64)
     se = float(math.sqrt((n - 1) / n * float(((loo_t - loo_t.mean()) ** 2).sum())))
-    return mean, se, m
+    return SelfCosine(mean, se, m)
 
 
 # ---- task / penalty split -------------------------------------------------------------------------
@@ -298,6 +315,13 @@ class Decomposition:
             lines.append(f"{str(g):<{w}}  {c:>9.4f}  {r:>9.4g}  {ct:>10.4f}")
         lines.append(f"{'overall':<{w}}  {self.cos:>9.4f}  {self.ratio:>9.4g}  {self.cos_total:>10.4f}")
         return "\n".join(lines)
+
+    def plot(self, axes=None):
+        """cos(task, penalty), cos(task, total) and ‖penalty‖/‖task‖ per group; returns the Figure
+        (:func:`eqprop.plots.plot_decomposition`)."""
+        from .plots import plot_decomposition
+
+        return plot_decomposition(self, axes=axes)
 
 
 def decompose(task: Any, penalty: Any, groups: Any = None) -> Decomposition:
@@ -326,17 +350,10 @@ class LrSweep(list):
     """[(lr, ΔCE), ...] from :func:`lr_sweep`, with a ``plot`` helper."""
 
     def plot(self, ax=None):
-        """ΔCE against lr (log x axis; matplotlib, imported here). Returns the axes."""
-        import matplotlib.pyplot as plt
+        """ΔCE against lr (log x); returns the Figure (:func:`eqprop.plots.plot_lr_sweep`)."""
+        from .plots import plot_lr_sweep
 
-        if ax is None:
-            _, ax = plt.subplots(figsize=(4.5, 3.0))
-        ax.plot([lr for lr, _ in self], [d for _, d in self], "o-")
-        ax.set_xscale("log")
-        ax.axhline(0.0, color="k", lw=0.5)
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("ΔCE after one step")
-        return ax
+        return plot_lr_sweep(self, ax=ax)
 
 
 def lr_sweep(model: torch.nn.Module, grads: Any, lrs: Iterable[float], batch: Any, loss: Callable) -> LrSweep:
@@ -396,17 +413,12 @@ class Influence:
     normalized: torch.Tensor
     n: list
 
-    def plot(self, ax=None):
-        """The normalized curve against d (log y; matplotlib, imported here). Returns the axes."""
-        import matplotlib.pyplot as plt
+    def plot(self, axes=None):
+        """Mean with SE band and normalized curve against d (two panels); returns the Figure
+        (:func:`eqprop.plots.plot_influence`)."""
+        from .plots import plot_influence
 
-        if ax is None:
-            _, ax = plt.subplots(figsize=(4.5, 3.0))
-        ax.errorbar(self.distances, self.normalized, yerr=self.se * self.normalized / self.mean, fmt="o-")
-        ax.set_yscale("log")
-        ax.set_xlabel("distance d")
-        ax.set_ylabel("‖∂z*_t/∂x_{t-d}‖ / (d = 1)")
-        return ax
+        return plot_influence(self, axes=axes)
 
 
 def _x_jvp(f: Callable, z: torch.Tensor, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -431,6 +443,8 @@ def influence(
     seed: int = 0,
     tol: float = 1e-10,
     max_steps: int = 2000,
+    max_elements: int = 1 << 22,
+    sources: Optional[Iterable[int]] = None,
 ) -> Influence:
     """Influence of input position t − d on state position t at the fixed point z* (docs/design.md §7):
     ‖w_t‖ with w = (I − J)⁻¹(∂F/∂x)v, v a unit probe [C] on position t − d of x (zero elsewhere).
@@ -441,9 +455,13 @@ def influence(
     directions (used normalized). u = (∂F/∂x)v is a double-backward JVP; (I − J)w = u is solved by
     relaxing w <- Jw + u (J-vector products of ``as_field(f, x)``) with :func:`eqprop.relax` to a
     relative residual ≤ tol per sample (else :class:`eqprop.NonConvergenceError`, an ArithmeticError).
-    One solve per source position s and probe gives every d = t − s at once.
-    Averages over samples, positions t ≥ d and probes; SE = std / sqrt(n) treats those values as
-    independent (they are not quite: positions share a sample).
+    One solve per source position s and probe gives every d = t − s at once; all (source, probe)
+    pairs are stacked on the batch axis and solved by one relaxation (in chunks of at most
+    ``max_elements`` numbers), so f must treat the samples of a batch independently.
+    sources: the source positions s = t − d to average over (ints in [0, T); default all): the
+    cost is one solve per source and probe, so a subset shortens long sequences.
+    Averages over samples, positions t ≥ d (with t − d in ``sources``) and probes; SE = std / sqrt(n)
+    treats those values as independent (they are not quite: positions share a sample).
 
     Example: ``z, _ = eqprop.relax(blk, x); inf = influence(blk, x, z, range(1, 6))``.
     """
@@ -467,6 +485,17 @@ def influence(
             raise ValueError(f"probes must be >= 1, got {probes}")
         gen = torch.Generator().manual_seed(int(seed))
         dirs = torch.randn(int(probes), C, generator=gen, dtype=torch.float64).to(x.dtype)
+    if sources is None:
+        sources = list(range(T))
+    else:
+        sources = sorted({int(s) for s in sources})
+        if not sources or not all(0 <= s < T for s in sources):
+            raise ValueError(f"sources must be a non-empty list of ints in [0, T={T}), got {sources}")
+    far = [d for d in distances if not any(s + d < T for s in sources)]
+    if far:
+        raise ValueError(f"distances {far} have no target position s + d < T={T} for any source in {sources}")
+    if isinstance(max_elements, bool) or not isinstance(max_elements, int) or max_elements < 1:
+        raise ValueError(f"max_elements must be an int >= 1, got {max_elements!r}")
     norms = dirs.norm(dim=1, keepdim=True)
     if (norms == 0).any():
         raise ValueError("probes must be nonzero directions")
@@ -478,36 +507,56 @@ def influence(
     if was_training:
         f.eval()
     try:
-        return _influence(f, x, z.detach(), distances, dirs, tol, max_steps)
+        # Pairs per relaxation: the stacked batch holds n·B·T·C numbers; keep it near max_elements.
+        chunk = max(1, min(dirs.shape[0] * len(sources), int(max_elements) // max(1, x.numel())))
+        return _influence(f, x, z.detach(), distances, dirs, tol, max_steps, chunk, sources)
     finally:
         if was_training:
             f.train(True)
 
 
-def _influence(f, x, zs, distances, dirs, tol, max_steps) -> Influence:
-    T = x.shape[1]
-    fld = as_field(f, x)
-    wanted = sorted(set(distances) | ({1} if T > 1 else set()))  # d = 1 normalizes the curve
-    values = {d: [] for d in wanted}  # each: tensor [B] per (source, probe)
-    for p in range(dirs.shape[0]):
-        for s in range(T):
-            v = torch.zeros_like(x)
-            v[:, s, :] = dirs[p]
-            u = _x_jvp(f, zs, x, v)
-            # (I − J)w = u: the engine's relaxation of w ↦ Jw + u (per sample, rel residual ≤ tol)
-            w, _ = relax(
-                lambda w, u: fld.jvp(zs, w) + u, u, z0=u, tol=tol, max_steps=max_steps, on_nonconvergence="raise"
-            )
-            wn = w.norm(dim=2)  # [B, T]
-            for d in wanted:
-                if s + d < T:
-                    values[d].append(wn[:, s + d])
+def _influence(f, x, zs, distances, dirs, tol, max_steps, chunk, sources) -> Influence:
+    B, T, C = x.shape
+    # d = 1 normalizes the curve (NaN when no source has a target at d = 1)
+    wanted = sorted(set(distances) | ({1} if any(s + 1 < T for s in sources) else set()))
+    values = {d: [] for d in wanted}  # each: tensor [n, B] per chunk of (probe, source) pairs
+    pairs = [(p, s) for p in range(dirs.shape[0]) for s in sources]
+    for lo in range(0, len(pairs), chunk):
+        chunk_pairs = pairs[lo : lo + chunk]
+        m = len(chunk_pairs)
+        # Every (probe, source) pair is one more copy of the batch: [m, B, T, C] -> [m·B, T, C], so
+        # a single relaxation solves them all (samples are independent: J is block diagonal).
+        v = torch.zeros(m, B, T, C, dtype=x.dtype, device=x.device)
+        for i, (p, s) in enumerate(chunk_pairs):
+            v[i, :, s, :] = dirs[p]
+        xs = x.unsqueeze(0).expand(m, B, T, C).reshape(m * B, T, C)
+        zr = zs.unsqueeze(0).expand(m, B, T, C).reshape(m * B, T, C)
+        u = _x_jvp(f, zr, xs, v.reshape(m * B, T, C))
+        fld = as_field(f, xs)
+        # (I − J)w = u: the engine's relaxation of w ↦ Jw + u (per sample, rel residual ≤ tol)
+        w, _ = relax(
+            lambda w, u, fld=fld, zr=zr: fld.jvp(zr, w) + u,
+            u,
+            z0=u,
+            tol=tol,
+            max_steps=max_steps,
+            on_nonconvergence="raise",
+        )
+        wn = w.norm(dim=2).reshape(m, B, T)  # ‖w_t‖ for every pair, sample, target position t
+        for d in wanted:
+            rows = [(i, s + d) for i, (_, s) in enumerate(chunk_pairs) if s + d < T]
+            if rows:
+                idx, tgt = zip(*rows)
+                values[d].append(wn[list(idx), :, list(tgt)])  # [rows, B]
     mean, se, n = [], [], []
     for d in distances:
-        vals = torch.cat(values[d]).to(torch.float64)
+        vals = torch.cat([v.reshape(-1) for v in values[d]]).to(torch.float64)
         mean.append(float(vals.mean()))
         se.append(float(vals.std() / math.sqrt(vals.numel())) if vals.numel() > 1 else float("nan"))
         n.append(int(vals.numel()))
     mean_t, se_t = torch.tensor(mean, dtype=torch.float64), torch.tensor(se, dtype=torch.float64)
-    ref = torch.cat(values[1]).to(torch.float64).mean() if T > 1 else torch.tensor(float("nan"), dtype=torch.float64)
+    if values.get(1):
+        ref = torch.cat([v.reshape(-1) for v in values[1]]).to(torch.float64).mean()
+    else:
+        ref = torch.tensor(float("nan"), dtype=torch.float64)
     return Influence(distances, mean_t, se_t, mean_t / ref, n)
