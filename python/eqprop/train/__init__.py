@@ -7,6 +7,6 @@
   until the gap gate passes; ``figures``: the plots the trainers write.
 """
 
-from . import checkpoint, config, core, ladder, markov
+from . import checkpoint, config, core, ladder, lengthgen, markov
 
-__all__ = ["checkpoint", "config", "core", "ladder", "markov"]
+__all__ = ["checkpoint", "config", "core", "ladder", "lengthgen", "markov"]
