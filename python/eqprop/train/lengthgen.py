@@ -106,7 +106,7 @@ class LengthGenConfig(RunConfig):
     # lengths
     window: int = option(64, "W: the training length (and the sliding-attention window unless attn_window)")
     eval_factor: int = option(20, "evaluation length = eval_factor * W")
-    buckets: tuple[int, ...] = option((1, 2, 10, 20), "buckets b: positions [(b-1)W, bW)", metavar="B")
+    buckets: tuple[int, ...] = option((1, 2, 10, 20), "buckets b: positions [(b-1)W, bW)", metavar="B", nargs="+")
     curriculum: tuple[int, ...] = option((), "train lengths before W, shortest first (empty: none)", metavar="LEN")
     curriculum_steps: int = option(0, "optimizer steps per curriculum stage")
     # the model
@@ -977,7 +977,7 @@ def run_status(run_dir, *, now: Optional[float] = None, stall_factor: float = 5.
     if summary is not None:
         status = summary["status"]
         health = {"max_steps": "finished", "reached_target": "finished"}.get(status, status)
-        reason = summary.get("message") or status
+        reason = summary.get("message") or {"max_steps": "reached max_steps"}.get(status, status)
         eta = 0.0 if health == "finished" else None
     elif rows and not math.isfinite(rows[-1]["train_loss"]):
         health, reason = "diverged", f"non-finite train loss at step {step}"
@@ -1091,7 +1091,10 @@ def compare_plot(rows: list, path) -> Path:
             ax3.plot(steps, n.exp(), "o-", ms=3, color=f"C{i}", label=f"{label}: {last_b}xW")
             ax3.fill_between(steps, (n - s).exp(), (n + s).exp(), color=f"C{i}", alpha=0.2, lw=0)
     ax1.set_xscale("log")
-    ax1.set(xlabel="bucket b (positions [(b-1)W, bW))", ylabel="PPL (+- SE)", title="PPL per bucket")
+    bucket_ticks = sorted({b["b"] for r in rows for b in r["buckets"]})
+    ax1.set_xticks(bucket_ticks, [_bucket_label(b) for b in bucket_ticks])
+    ax1.minorticks_off()
+    ax1.set(xlabel="bucket: positions [(b-1)W, bW)", ylabel="PPL (+- SE)", title="PPL per bucket (best.pt)")
     ax1.legend(fontsize=7)
     if gap:
         ax2.axhline(0, color="k", lw=0.8)
