@@ -205,6 +205,8 @@ def test_data_errors_come_before_anything_is_written(tmp_path):
     short.write_text("to be or not to be, that is the question. " * 20)  # ~860 characters
     with pytest.raises(ValueError, match=r"validation split has \d+ tokens, fewer than eval_factor \* window"):
         lg.train(_text_cfg(tmp_path, data=str(short), window=64))
+    with pytest.raises(ValueError, match=r"only 3 distinct windows .* fewer than eval_seqs=6"):
+        lg.train(_text_cfg(tmp_path, data=str(short), window=41, eval_factor=2, buckets=(1, 2)))
     assert not (tmp_path / "run").exists()
 
 

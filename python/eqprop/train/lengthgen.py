@@ -489,6 +489,13 @@ class LengthGenTask(Task):
                 f"{c.eval_factor} * {c.window} = {c.eval_len} (one evaluation sequence); use more text, a larger "
                 f"val_fraction (now {c.val_fraction}), or a smaller window / eval_factor"
             )
+        starts = n_val - c.eval_len + 1  # eval_windows needs one distinct start per sequence
+        if starts < max(c.eval_seqs, c.final_eval_seqs):
+            raise ValueError(
+                f"data={c.data!r}: the validation split ({n_val} tokens) has only {starts} distinct windows of "
+                f"eval_factor * window = {c.eval_len} tokens, fewer than eval_seqs={c.eval_seqs} / final_eval_seqs="
+                f"{c.final_eval_seqs}; use fewer sequences or more text"
+            )
 
     def memory_need(self, run: Run) -> dict:
         """Lower bounds, in bytes, of what certainly gets allocated (attention scores not counted)."""
