@@ -7,6 +7,8 @@ import math
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
 
 import pytest
@@ -130,7 +132,14 @@ def test_a_plateaued_run_stops_after_patience_evaluations(tmp_path):
     # lr so small that nll_1w cannot improve by min_delta: the first evaluation is the best, and the run
     # stops at the (patience + 1)-th
     cfg = lg.LengthGenConfig(
-        **TINY, lr=1e-9, min_lr=0.0, patience=2, min_delta=1e-3, max_steps=30, out_dir=str(tmp_path)
+        **TINY,
+        lr=1e-9,
+        min_lr=0.0,
+        patience=2,
+        min_delta=1e-3,
+        max_steps=30,
+        write_figures=False,
+        out_dir=str(tmp_path),
     )
     s = lg.train(cfg)
     assert s.status == "reached_target" and s.steps == 3 * TINY["eval_every"]
@@ -273,7 +282,7 @@ def test_status_health_on_constructed_runs(tmp_path):
 def test_cli_train_status_compare(tmp_path, capsys):
     common = ["--window", "8", "--eval-factor", "4", "--buckets", "1", "2", "4", "--n-layer", "1", "--d-model", "16"]
     common += ["--n-head", "2", "--batch-size", "8", "--eval-every", "3", "--eval-seqs", "4", "--max-steps", "3"]
-    common += ["--no-progress", "--device", "cpu"]
+    common += ["--no-progress", "--device", "cpu", "--no-write-figures"]
     for name, pos in (("a", "rope"), ("b", "none")):
         assert main(["lengthgen", "train", *common, "--pos-enc", pos, "--out-dir", str(tmp_path / name)]) == 0
     capsys.readouterr()
@@ -302,3 +311,28 @@ def test_attention_options_not_in_this_build_say_so(tmp_path):
         pytest.skip("this Transformer has attention=...")
     with pytest.raises(NotImplementedError, match="attention='sliding'"):
         lg.train(lg.LengthGenConfig(**TINY, attention="sliding", max_steps=1, out_dir=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_a_single_process(tmp_path):
+    # 6 eval sequences in batches of 4: rank 0 scores rows 0-3, rank 1 rows 4-5, summed back (token_nll_of)
+    opts = {**TINY, "max_steps": 3, "write_figures": False}
+    single = lg.train(lg.LengthGenConfig(**opts, out_dir=str(tmp_path / "single")))
+    argv = []
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            argv += [flag, *map(str, value if isinstance(value, tuple) else [value])]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "eqprop"]
+    cmd += ["lengthgen", "train", *argv, "--out-dir", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and proc.stdout.count("best.pt (step") == 1  # rank 0 reports
+    got = summary["final"]["fixed"]["buckets"]
+    for a, b in zip(got, single.final["fixed"]["buckets"]):
+        assert a["nll"] == pytest.approx(b["nll"], abs=1e-5) and a["gap_pct"] == pytest.approx(b["gap_pct"], abs=1e-3)
+    rows = lg._read_history(tmp_path / "ddp" / "training_history.csv")
+    assert [r["train_loss"] for r in rows] == pytest.approx([r["train_loss"] for r in single.history], rel=1e-5)
