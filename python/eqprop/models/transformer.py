@@ -17,9 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .attention import sliding_window_attention
 from .interface import next_token_nll
+from .ttt import TTTLayer
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "alibi", "none")
+#: The sequence-mixing layer of every block (docs/design.md §9); the rest of the model is the same for all.
+ATTENTIONS = ("full", "sliding", "ttt_linear", "ttt_mlp")
 
 
 def sinusoidal_table(seq_len: int, dim: int, *, base: float = 10000.0, device=None) -> torch.Tensor:
@@ -98,9 +102,12 @@ def alibi_bias(n_head: int, seq_len: int, *, device=None, dtype=torch.float32) -
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int, pos_enc: str, rope_base: float):
+    """Causal softmax attention; ``window`` (``attention="sliding"``) restricts query t to the keys
+    ``t − window < s ≤ t`` (``eqprop.models.attention``, O(T·window) memory)."""
+
+    def __init__(self, d_model: int, n_head: int, pos_enc: str, rope_base: float, window: int | None = None):
         super().__init__()
-        self.n_head, self.pos_enc, self.rope_base = n_head, pos_enc, rope_base
+        self.n_head, self.pos_enc, self.rope_base, self.window = n_head, pos_enc, rope_base, window
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
@@ -110,7 +117,10 @@ class CausalSelfAttention(nn.Module):
         if self.pos_enc == "rope":
             pos = torch.arange(L, device=x.device)
             q, k = apply_rope(q, pos, base=self.rope_base), apply_rope(k, pos, base=self.rope_base)
-        if self.pos_enc == "alibi":
+        if self.window is not None:
+            slopes = alibi_slopes(self.n_head).to(x.device) if self.pos_enc == "alibi" else None
+            y = sliding_window_attention(q, k, v, self.window, alibi_slopes=slopes)
+        elif self.pos_enc == "alibi":
             bias = alibi_bias(self.n_head, L, device=x.device, dtype=q.dtype)  # [H, L, L]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
@@ -121,17 +131,38 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LN block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))``."""
 
-    def __init__(self, d_model: int, n_head: int, mlp_ratio: float, pos_enc: str, rope_base: float):
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        mlp_ratio: float,
+        pos_enc: str,
+        rope_base: float,
+        attention: str = "full",
+        window: int | None = None,
+        ttt_batch: int = 16,
+    ):
         super().__init__()
         hidden = int(round(mlp_ratio * d_model))
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_head, pos_enc, rope_base)
+        if attention == "full":
+            self.attn = CausalSelfAttention(d_model, n_head, pos_enc, rope_base)
+        elif attention == "sliding":
+            self.attn = CausalSelfAttention(d_model, n_head, pos_enc, rope_base, window=window)
+        else:
+            self.attn = _ttt_layer(attention, d_model, n_head, ttt_batch)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
+
+
+def _ttt_layer(attention: str, d_model: int, n_head: int, ttt_batch: int) -> nn.Module:
+    # ttt_linear -> TTTLayer(kind="linear"), ttt_mlp -> kind="mlp"; its output projection is named
+    # `proj` like attention's, so the GPT-2 residual scaling below applies to it too
+    return TTTLayer(d_model, n_head, attention.removeprefix("ttt_"), mini_batch=ttt_batch)
 
 
 class Transformer(nn.Module):
@@ -146,6 +177,18 @@ class Transformer(nn.Module):
             ``alibi`` (additive attention bias) or ``none`` (causal mask only).
         grad_checkpointing: recompute each block in the backward pass (activation memory O(1 block)).
         rope_base: base of the rope / sinusoidal frequencies.
+        attention: the sequence-mixing layer of every block (docs/design.md §9), the only thing that
+            differs between the architectures: ``full`` (causal softmax attention), ``sliding``
+            (query t sees keys ``t − window < s ≤ t``, O(L·window) memory), ``ttt_linear`` /
+            ``ttt_mlp`` (a test-time-training layer whose state is a linear / 2-layer MLP inner
+            model, updated once per mini-batch of ``ttt_batch`` tokens).
+        window: W of ``attention="sliding"`` (required there; ignored by the other layers, so one
+            config can name the training window for every architecture).
+        ttt_batch: inner mini-batch size b of the TTT layers (default 16).
+
+    Length generalization (training on W tokens, evaluating on 20·W) needs positions that mean
+    something beyond the training length: ``rope``, ``alibi`` or ``none``. ``learned`` cannot go past
+    ``max_len`` and ``sinusoidal`` adds vectors the model never saw in training.
 
     ``forward(tokens [B, L] int64) -> logits [B, L, V]``; ``token_nll(tokens) -> [B, L]`` float32 (see the
     module docstring for the convention). Under ``torch.autocast(dtype=torch.bfloat16)`` the blocks run
@@ -166,8 +209,18 @@ class Transformer(nn.Module):
         pos_enc: str = "learned",
         grad_checkpointing: bool = False,
         rope_base: float = 10000.0,
+        attention: str = "full",
+        window: int | None = None,
+        ttt_batch: int = 16,
     ):
         super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if attention == "sliding":
+            if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+                raise ValueError(f"window must be an int >= 1 for attention='sliding', got {window!r}")
+        if isinstance(ttt_batch, bool) or not isinstance(ttt_batch, int) or ttt_batch < 1:
+            raise ValueError(f"ttt_batch must be an int >= 1, got {ttt_batch!r}")
         if pos_enc not in POS_ENCODINGS:
             raise ValueError(f"pos_enc must be one of {POS_ENCODINGS}, got {pos_enc!r}")
         if vocab_size < 2:
@@ -190,12 +243,18 @@ class Transformer(nn.Module):
             pos_enc=pos_enc,
             grad_checkpointing=grad_checkpointing,
             rope_base=rope_base,
+            attention=attention,
+            window=window,
+            ttt_batch=ttt_batch,
         )
         self.vocab_size, self.pos_enc, self.max_len = vocab_size, pos_enc, max_len
         self.grad_checkpointing = grad_checkpointing
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(max_len, d_model) if pos_enc == "learned" else None
-        self.blocks = nn.ModuleList(Block(d_model, n_head, mlp_ratio, pos_enc, rope_base) for _ in range(n_layer))
+        self.attention = attention
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_head, mlp_ratio, pos_enc, rope_base, attention, window, ttt_batch) for _ in range(n_layer)
+        )
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size)
         self.apply(self._init_weights)

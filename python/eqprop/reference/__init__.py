@@ -4,6 +4,6 @@ They exist only to check the C++/CUDA kernels (tests) and to be the baseline the
 measure against; nothing else in eqprop imports them.
 """
 
-from . import block, markov, solvers
+from . import block, markov, solvers, ttt
 
-__all__ = ["block", "markov", "solvers"]
+__all__ = ["block", "markov", "solvers", "ttt"]
