@@ -306,11 +306,17 @@ def test_cli_train_status_compare(tmp_path, capsys):
     assert "not a run folder" in capsys.readouterr().err
 
 
-def test_attention_options_not_in_this_build_say_so(tmp_path):
-    if lg._supports_attention_option():
-        pytest.skip("this Transformer has attention=...")
-    with pytest.raises(NotImplementedError, match="attention='sliding'"):
-        lg.train(lg.LengthGenConfig(**TINY, attention="sliding", max_steps=1, out_dir=str(tmp_path)))
+@pytest.mark.parametrize("attention", ["sliding", "ttt_linear"])
+def test_the_architectures_differ_in_the_mixing_layer_only(tmp_path, attention):
+    cfg = lg.LengthGenConfig(**{**TINY, "eval_every": 2}, attention=attention, max_steps=2, write_figures=False)
+    model = lg.build_model(cfg, 2)
+    full = lg.build_model(cfg.replace(attention="full"), 2)
+    assert model.config["attention"] == attention and model.config["window"] == 8 and model.config["ttt_batch"] == 16
+    assert lg.build_model(cfg.replace(attn_window=3), 2).config["window"] == 3
+    same = [n for n in full.state_dict() if ".attn." not in n]
+    assert all(model.state_dict()[n].shape == full.state_dict()[n].shape for n in same)
+    s = lg.train(cfg.replace(out_dir=str(tmp_path)))  # trains on W and scores every position out to 4W
+    assert s.status == "max_steps" and all(math.isfinite(b["nll"]) for b in s.final["fixed"]["buckets"])
 
 
 @pytest.mark.slow

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import inspect
 import io
 import json
 import logging
@@ -394,10 +393,6 @@ def _metrics(ev: dict) -> dict:
 # the hooks
 
 
-def _supports_attention_option() -> bool:
-    return "attention" in inspect.signature(Transformer.__init__).parameters
-
-
 def build_model(cfg: LengthGenConfig, vocab_size: int) -> Transformer:
     """The ``Transformer`` a config describes, with ``attention`` the one layer that differs between the
     architectures compared (sized for ``eval_factor·W`` positions when ``pos_enc="learned"``)."""
@@ -410,14 +405,9 @@ def build_model(cfg: LengthGenConfig, vocab_size: int) -> Transformer:
         pos_enc=cfg.pos_enc,
         grad_checkpointing=cfg.grad_checkpointing,
     )
-    if _supports_attention_option():
-        kwargs.update(attention=cfg.attention, window=cfg.attn_window or cfg.window, ttt_batch=cfg.ttt_batch)
-    elif cfg.attention != "full":
-        raise NotImplementedError(
-            f"attention={cfg.attention!r} needs eqprop.models.Transformer(attention=...), which this eqprop "
-            "does not have yet; only attention='full' trains here"
-        )
-    return Transformer(vocab_size, **kwargs)
+    return Transformer(
+        vocab_size, attention=cfg.attention, window=cfg.attn_window or cfg.window, ttt_batch=cfg.ttt_batch, **kwargs
+    )
 
 
 class LengthGenTask(Task):
@@ -779,8 +769,7 @@ def train(config, *, callback=None) -> Summary:
     Raises:
         FileNotFoundError / ValueError before anything is written: a missing ``data`` path, an empty corpus,
         a tokenizer that differs from the run's on resume, a validation split shorter than ``eval_factor·W``,
-        ``out_dir`` holding a run without ``resume`` / ``overwrite``. NotImplementedError: an ``attention``
-        this eqprop's Transformer does not have.
+        ``out_dir`` holding a run without ``resume`` / ``overwrite``.
 
     Example: ``print(train(LengthGenConfig(window=32, max_steps=200, out_dir="runs/lg")))``
     """
