@@ -302,6 +302,16 @@ def test_cli_train_status_compare(tmp_path, capsys):
         table
     )
     assert fig.read_bytes()[:4] == b"\x89PNG"
+    # both runs scored the same held-out sequences: the difference per bucket is paired over sequences
+    rows = lg.compare_runs([tmp_path / "a", tmp_path / "b"])
+    final_a = json.loads((tmp_path / "a" / "final_eval.json").read_text())["fixed"]["buckets"]
+    for p, ba, bb in zip(rows[1]["paired"], final_a, final):
+        d = [y - x for x, y in zip(ba["seq_nll"], bb["seq_nll"])]
+        assert p["d_nll"] == pytest.approx(bb["nll"] - ba["nll"], abs=1e-12)
+        assert p["d_nll_se"] == pytest.approx(statistics.stdev(d) / math.sqrt(len(d)), rel=1e-9)
+    assert rows[0]["paired"] is None and "NLL difference to a per bucket" in "\n".join(table)
+    assert main(["lengthgen", "status", str(tmp_path / "b"), "--watch", "0.01"]) == 0  # an ended run: one report
+    assert capsys.readouterr().out.count("FINISHED") == 1
     assert main(["lengthgen", "status", str(tmp_path / "nowhere")]) == 2
     assert "not a run folder" in capsys.readouterr().err
 

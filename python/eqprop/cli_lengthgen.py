@@ -36,6 +36,10 @@ def _gap_pm(row) -> str:
     return "-" if row is None else f"{row['gap_pct']:+.2f} +- {row['gap_se']:.2f}"
 
 
+def _diff_pm(row) -> str:
+    return "-" if row is None else f"{row['d_nll']:+.4f} +- {row['d_nll_se']:.4f}"
+
+
 def _train(args: argparse.Namespace) -> int:
     """Train on windows of W tokens and evaluate the per-position NLL out to eval_factor * W.
 
@@ -119,7 +123,8 @@ def _status(args: argparse.Namespace) -> int:
 
 def format_compare(rows: list) -> str:
     """The table ``eqprop lengthgen compare`` prints: one row per run, PPL +- SE per bucket (and the Markov
-    gap to Bayes per bucket)."""
+    gap to Bayes per bucket; and for runs scored on the first run's held-out sequences the paired NLL
+    difference to it)."""
     buckets = sorted({b["b"] for r in rows for b in r["buckets"]})
     head = f"{'run':<18} {'attention':<10} {'W':>5} {'pos':<6} {'steps':>6} {'health':<11} {'from':<10}"
     lines = [head + "".join(f" {f'{b}xW PPL':>17}" for b in buckets)]
@@ -136,6 +141,13 @@ def format_compare(rows: list) -> str:
         for r in rows:
             by_b = {b["b"]: b for b in r["buckets"]}
             cells = "".join(f" {_gap_pm(by_b.get(b)):>17}" for b in buckets)
+            lines.append(f"{r['run'][:18]:<18} {'':<10} {'':>5} {'':<6} {'':>6} {'':<11} {'':<10}" + cells)
+    if any(r.get("paired") for r in rows):
+        ref = rows[0]
+        lines.append(f"NLL difference to {ref['run']} per bucket (nats, paired on the same held-out sequences, +- SE):")
+        for r in rows[1:]:
+            by_b = {p["b"]: p for p in r["paired"] or []}
+            cells = "".join(f" {_diff_pm(by_b.get(b)):>17}" for b in buckets)
             lines.append(f"{r['run'][:18]:<18} {'':<10} {'':>5} {'':<6} {'':>6} {'':<11} {'':<10}" + cells)
     return "\n".join(lines)
 

@@ -77,6 +77,7 @@ __all__ = [
     "run_status",
     "compare_runs",
     "compare_plot",
+    "EVAL_SET_KEYS",
     "load_checkpoint",
 ]
 
@@ -241,7 +242,8 @@ def bucket_stats(
         window: W; buckets: the multipliers b; first: the first scored position.
 
     Returns:
-        one dict per bucket: ``b``, ``positions`` ``[lo, hi)``, ``nll``, ``nll_se``, ``ppl``, and with ``bayes``:
+        one dict per bucket: ``b``, ``positions`` ``[lo, hi)``, ``nll``, ``nll_se``, ``ppl``, ``seq_nll`` (the ``N``
+        per-sequence means), and with ``bayes``:
         ``bayes_nll``, ``gap_nats`` / ``gap_nats_se`` (mean of the paired differences), ``gap_pct`` /
         ``gap_se`` (``eqprop.markov.gap_pct`` on the bucket's positions).
 
@@ -260,6 +262,7 @@ def bucket_stats(
             "nll": float(m.mean()),
             "nll_se": float(m.std(unbiased=True) / math.sqrt(n)),
             "ppl": math.exp(float(m.mean())),
+            "seq_nll": m.tolist(),  # per sequence: runs scored on the same set compare paired (compare_runs)
         }
         if bayes is not None:
             mb = _seq_means(bayes, lo, hi)
@@ -1014,13 +1017,16 @@ def _run_result(run_dir: Path) -> dict:
 
 def compare_runs(run_dirs) -> list:
     """One row per run: name, task, attention, W, pos_enc, steps, status, and the buckets (PPL, NLL +- SE,
-    Markov gap) of best.pt (or of the latest evaluation of a run still going), plus its history.
+    Markov gap) of best.pt (or of the latest evaluation of a run still going), plus its history. ``paired``:
+    for a run scored on the same held-out sequences as the first run (same ``EVAL_SET_KEYS``), the NLL
+    difference to it per bucket, paired over sequences, with its SE (``{"b", "d_nll", "d_nll_se"}``); else None.
 
     Example: ``rows = compare_runs(["runs/sw64", "runs/ttt64", "runs/full64"])``
     """
     rows = []
     for d in map(Path, run_dirs):
         cfg = _run_config(d)
+        eval_key = {key: cfg.get(key) for key in EVAL_SET_KEYS[cfg["task"]]}
         st = run_status(d)
         res = _run_result(d)
         rows.append(
@@ -1037,9 +1043,48 @@ def compare_runs(run_dirs) -> list:
                 "buckets": res["buckets"],
                 "result": res,
                 "history": _read_history(d / "training_history.csv"),
+                "eval_key": eval_key,
             }
         )
+    ref = rows[0] if rows else None
+    for r in rows:
+        r["paired"] = _paired_difference(r, ref) if r is not ref and r["eval_key"] == ref["eval_key"] else None
     return rows
+
+
+#: Config fields that fix a run's held-out set: runs that agree on them scored the very same sequences.
+EVAL_SET_KEYS = {
+    "markov": ("task", "k", "vocab_size", "alpha", "window", "eval_factor", "eval_seqs", "eval_seed"),
+    "text": (
+        "task",
+        "data",
+        "tokenizer",
+        "vocab_size",
+        "val_fraction",
+        "window",
+        "eval_factor",
+        "eval_seqs",
+        "eval_seed",
+    ),
+}
+
+
+def _paired_difference(run: dict, ref: dict) -> list:
+    """Per bucket, the mean over sequences of (this run's NLL - the reference run's) with its standard error:
+    both scored the same sequences, so the sequence-to-sequence variation they share cancels (pairing), and
+    the SE of a difference is usually far below either run's own SE."""
+    out = []
+    ref_b = {b["b"]: b for b in ref["buckets"]}
+    for b in run["buckets"]:
+        if b["b"] not in ref_b or "seq_nll" not in b or "seq_nll" not in ref_b[b["b"]]:
+            continue
+        d = torch.tensor(b["seq_nll"], dtype=torch.float64) - torch.tensor(
+            ref_b[b["b"]]["seq_nll"], dtype=torch.float64
+        )
+        out.append(
+            {"b": b["b"], "d_nll": float(d.mean()), "d_nll_se": float(d.std(unbiased=True) / math.sqrt(d.numel()))}
+        )
+    return out
 
 
 def compare_plot(rows: list, path) -> Path:
@@ -1058,8 +1103,9 @@ def compare_plot(rows: list, path) -> Path:
         nll = torch.tensor([b["nll"] for b in bs])
         se = torch.tensor([b["nll_se"] for b in bs])
         ppl = nll.exp()
+        shift = 1.0 + 0.04 * (i - (len(rows) - 1) / 2)  # side by side on the log axis, bars readable
         ax1.errorbar(
-            [b["b"] for b in bs],
+            [b["b"] * shift for b in bs],
             ppl,
             yerr=[(ppl - (nll - se).exp()).tolist(), ((nll + se).exp() - ppl).tolist()],
             fmt="o-",
