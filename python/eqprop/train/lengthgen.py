@@ -665,13 +665,29 @@ def _save_tokenizer(cfg: LengthGenConfig, corpus, out_dir: Path) -> None:
     """Store the tokenizer checked in ``prepare`` as ``out_dir/tokenizer.json`` with the corpus record
     ``data.json`` (``TextCorpus.prepare`` saves into a run_dir that has none); a resume checks both."""
     from eqprop.data import TextCorpus
+    from eqprop.data.text import DATA_META_FILE, TOKENIZER_FILE
 
+    # fit has made sure out_dir holds no run (or moved it aside): a tokenizer there is left from a start that
+    # failed before its first step, and must not be checked against as if this were a resume
+    for name in (TOKENIZER_FILE, DATA_META_FILE):
+        (out_dir / name).unlink(missing_ok=True)
     TextCorpus.prepare(data=cfg.data, tokenizer=corpus.tokenizer, run_dir=out_dir, val_fraction=cfg.val_fraction)
+
+
+def _jsonable(obj):
+    """Non-finite floats (a model that produced NaN) become None: strict JSON that every reader parses."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _jsonable(v) for key, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
 
 
 def _write_json(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(json.dumps(obj, allow_nan=False) + "\n", path)
+    write_text_atomic(json.dumps(_jsonable(obj), allow_nan=False) + "\n", path)
 
 
 def _write_per_position_csv(ev: dict, path: Path) -> None:
