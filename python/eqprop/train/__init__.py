@@ -4,9 +4,10 @@
 - ``config``: strict dataclass configs and the command-line options generated from them;
 - ``checkpoint``: atomic, checksummed checkpoints loaded with ``weights_only=True``;
 - ``markov``: transformers on the Markov-k benchmark against the exact Bayes NLL; ``ladder``: grow them
-  until the gap gate passes; ``figures``: the plots the trainers write.
+  until the gap gate passes; ``figures``: the plots the trainers write;
+- ``lengthgen``: train on windows of W tokens, measure the per-position NLL out to 20·W (docs/design.md §9).
 """
 
-from . import checkpoint, config, core, ladder, markov
+from . import checkpoint, config, core, ladder, lengthgen, markov
 
-__all__ = ["checkpoint", "config", "core", "ladder", "markov"]
+__all__ = ["checkpoint", "config", "core", "ladder", "lengthgen", "markov"]

@@ -209,7 +209,7 @@ class StrictConfig:
                 group.add_argument(flag, choices=typing.get_args(base), **kwargs)
             elif origin is tuple:
                 item = typing.get_args(base)[0]
-                n = len(f.default) if isinstance(f.default, tuple) else None
+                n = f.metadata.get("nargs") or (len(f.default) if isinstance(f.default, tuple) else None)
                 group.add_argument(flag, type=item, nargs=n or "+", metavar=f.metadata.get("metavar", "V"), **kwargs)
             elif base in (int, float, str):
                 metavar = f.metadata.get("metavar", {int: "N", float: "X", str: "STR"}[base])

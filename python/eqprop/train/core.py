@@ -37,6 +37,8 @@ What the loop guarantees for every trainer:
 Extension points -- a new trainer subclasses ``Task`` and overrides:
 
     name, score, eval_columns, must_match_on_resume     class attributes
+    prepare(run)              -> None                   load and check data; called first, so a bad
+                                                        data argument fails before anything is written
     memory_need(run)          -> {what: bytes}          lower bound, checked before anything is written
     build_model(run)          -> nn.Module              called after torch.manual_seed(config.seed)
     train_batch(run, step, micro) -> batch              this rank's share of the global micro-batch
@@ -296,12 +298,16 @@ def _gib(n: float) -> str:
 
 @dataclass
 class Run:
-    """What the hooks see: the config, this process's device and rank, the output folder."""
+    """What the hooks see: the config, this process's device and rank, the output folder, and (kept up
+    to date by ``fit``) the optimizer steps done and the history rows logged so far (read-only for hooks:
+    e.g. an early-stop rule over past evaluations, which then survives a resume)."""
 
     config: RunConfig
     device: str
     dist: DistInfo
     out_dir: Path
+    step: int = 0
+    history: list = field(default_factory=list)
 
     def autocast(self):
         """bf16 autocast when ``config.bf16``, else a no-op context."""
@@ -325,6 +331,10 @@ class Task:
     eval_columns: tuple = ("eval_loss",)
     #: config fields that a resume must not change (beyond the loop's batch_size, grad_accum_steps, seed)
     must_match_on_resume: tuple = ()
+
+    def prepare(self, run: Run) -> None:
+        """Load and check what the task needs (a corpus, a tokenizer); raise ``ValueError`` /
+        ``FileNotFoundError`` naming the bad argument. Called first, before anything is written."""
 
     def memory_need(self, run: Run) -> dict:
         """A LOWER bound of the bytes training needs on ``run.device``, by part; over the device's memory
@@ -415,6 +425,7 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
         )
     out_dir = Path(cfg.out_dir)
     run = Run(cfg, device, dist_info, out_dir)
+    task.prepare(run)
     _check_memory(task.memory_need(run), device)
     dist_info = run.dist = _init_distributed(dist_info, device)
     _prepare_out_dir(out_dir, cfg, dist_info)
@@ -445,6 +456,7 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
         )
 
     history, step = state["history"], state["step"]
+    run.history, run.step = history, step
     status, message, stop_signal = "max_steps", "", None
     if state["status"] == "reached_target" and cfg.early_stop:
         status = "reached_target"
@@ -531,6 +543,7 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            run.step = step
 
             # log
             record = {
