@@ -265,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     TrainConfig.add_options(ld, skip=_LADDER_SKIP, defaults=LADDER_START)
     ld.add_argument("-v", "--verbose", action="store_true")
     ld.set_defaults(func=_markov_ladder)
+    __import__("eqprop.cli_eqlm", fromlist=["add_parser"]).add_parser(sub)  # eqprop eqlm train | eval | probe
     return parser
 
 

@@ -141,7 +141,9 @@ class EqlmConfig(RunConfig):
     ep_beta: float = option(0.1, "EP nudge beta (radius for n_points >= 3)")
     ep_n_points: int = option(2, "EP points: 1 one-sided, 2 symmetric, >= 3 holomorphic")
     ep_correction: Literal["none", "frozen", "tracking"] = option("none", "asymmetric-EP correction")
-    ep_t2: tuple[int, ...] = option((20,), "EP nudged steps (several: the lowest-residual snapshot)", metavar="T2")
+    ep_t2: Optional[tuple[int, ...]] = option(
+        None, "EP nudged steps, one or several (the lowest-residual snapshot); None = 20", metavar="T2"
+    )
     ep_gate: Optional[float] = option(None, "skip the nudge when the free residual exceeds this")
     switch_to: Optional[str] = option(
         None, "second phase, 'ESTIMATOR[:key=value,...]' (keys: horizon beta n_points correction t2 gate)", metavar="SPEC"
@@ -190,7 +192,11 @@ class EqlmConfig(RunConfig):
             ("bptt_horizon", self.bptt_horizon >= 1, ">= 1"),
             ("ep_beta", self.ep_beta > 0, "> 0"),
             ("ep_n_points", self.ep_n_points >= 1, ">= 1"),
-            ("ep_t2", len(self.ep_t2) >= 1 and min(self.ep_t2) >= 1, "a non-empty list of step counts >= 1"),
+            (
+                "ep_t2",
+                self.ep_t2 is None or (len(self.ep_t2) >= 1 and min(self.ep_t2) >= 1),
+                "None or a non-empty list of step counts >= 1",
+            ),
             (
                 "estimator",
                 (self.estimator == "bp") == tf,
@@ -236,7 +242,7 @@ class EqlmConfig(RunConfig):
             beta=self.ep_beta,
             n_points=self.ep_n_points,
             correction=self.ep_correction,
-            t2=tuple(self.ep_t2),
+            t2=(20,) if self.ep_t2 is None else tuple(self.ep_t2),
             gate=self.ep_gate,
         )
 
@@ -1106,7 +1112,7 @@ def probe(
     result["influence"] = {"distances": ds, "mean": inf.mean.tolist(), "normalized": inf.normalized.tolist()}
     text += ["", "== influence |dz*_t/dx_(t-d)| (normalized to d=1)"]
     text += [f"d={d}: {m:.4g} ({nm:.3g})" for d, m, nm in zip(ds, inf.mean.tolist(), inf.normalized.tolist())]
-    sweep = lr_sweep(model, {**task_grads}, lrs, toks[0], lambda m, b: task.loss(run, m, b))
+    sweep = lr_sweep(model, {f"block.{n}": g for n, g in task_grads.items()}, lrs, toks[0], lambda m, b: task.loss(run, m, b))
     result["lr_sweep"] = [list(r) for r in sweep]
     text += ["", "== one-step lr sweep (implicit gradient of the block)"]
     text += [f"lr={lr:g}: dCE={d:+.5f}" for lr, d in sweep]
