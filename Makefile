@@ -23,7 +23,7 @@ setup:
 	@if [ "$$($(INSTALL_STATE))" = "$$(cat $(STAMP) 2>/dev/null)" ]; then \
 	  echo "eqprop is installed from these sources: not rebuilding (rm $(STAMP) to force)"; \
 	else \
-	  $(PIP) install "scikit-build-core>=0.10" numpy tqdm matplotlib && \
+	  $(PIP) install "scikit-build-core>=0.10" numpy tqdm matplotlib tokenizers && \
 	  $(PIP) install --no-build-isolation . && \
 	  mkdir -p build && $(INSTALL_STATE) > $(STAMP); \
 	fi
