@@ -267,3 +267,27 @@ def test_cli_train_eval_probe(tmp_path, capsys):
     # the installed entry point reaches the same parser
     r = subprocess.run([sys.executable, "-m", "eqprop", "eqlm", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "train" in r.stdout and "probe" in r.stdout
+
+
+def test_text_task_resumes_with_its_saved_tokenizer(tmp_path):
+    from eqprop.data import load_tokenizer
+
+    words = ["the", "equilibrium", "block", "relaxes", "to", "its", "fixed", "point", "and", "nudges"]
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(words[int(i)] for i in torch.randint(len(words), (3000,), generator=g)) + "\n"
+    (tmp_path / "corpus.txt").write_text(text)
+    opts = dict(TINY, task="text", data=str(tmp_path / "corpus.txt"), tokenizer="bpe", bpe_vocab_size=280, seq_len=16)
+    opts.update(batch_size=8, eval_batch_size=8, eval_every=2, sample_tokens=5, estimator="ep")
+    cfg = te.EqlmConfig(**opts, max_steps=2, out_dir=str(tmp_path / "run"))
+    first = te.train(cfg)
+    saved = (tmp_path / "run" / "tokenizer.json").read_bytes()
+    tok = load_tokenizer(tmp_path / "run" / "tokenizer.json")
+    assert tok.vocab_size == 280 and first.final["n_windows"] == 8 and isinstance(first.final["sample"], str)
+    assert tok.decode(tok.encode(text).tolist()) == text  # byte-level BPE round-trips the corpus
+    resumed = te.train(cfg.replace(max_steps=4, resume=True))
+    assert resumed.steps == 4 and (tmp_path / "run" / "tokenizer.json").read_bytes() == saved
+    _, _, _, corpus = te.load_checkpoint(tmp_path / "run" / "best.pt")
+    assert corpus.tokenizer.fingerprint() == tok.fingerprint()
+    with pytest.raises(ValueError, match="bpe_vocab_size|vocab_size"):
+        te.train(cfg.replace(max_steps=6, resume=True, bpe_vocab_size=300))
+    assert (tmp_path / "run" / "tokenizer.json").read_bytes() == saved

@@ -100,7 +100,7 @@ class EqlmConfig(RunConfig):
     alpha: float = option(1.0, "Dirichlet concentration (task=markov)")
     data: Optional[str] = option(None, "UTF-8 text file or folder (task=text; default: tiny Shakespeare)", metavar="PATH")
     tokenizer: Literal["char", "bpe"] = option("char", "text tokenizer (saved in out_dir; reused on resume)")
-    bpe_vocab_size: int = option(512, "BPE vocabulary size (tokenizer=bpe)")
+    bpe_vocab_size: int = option(512, "BPE vocabulary size (tokenizer=bpe; > 256)")
     val_fraction: float = option(0.1, "last fraction of the text held out for validation")
     seq_len: Optional[int] = option(None, "training window (default: 100*2^k for markov, 64 for text)")
     eval_batches: int = option(4, "batches of the fixed evaluation set")
