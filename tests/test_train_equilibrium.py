@@ -112,7 +112,10 @@ def test_the_ep_gradient_applied_is_ep_grad_called_directly(tmp_path, correction
 
 
 def test_implicit_and_bptt_gradients_are_autograd_through_fixed_point(tmp_path):
-    for est_name, backward in (("implicit", dict(backward="implicit")), ("bptt", dict(backward="bptt", bptt_horizon=6))):
+    for est_name, backward in (
+        ("implicit", dict(backward="implicit")),
+        ("bptt", dict(backward="bptt", bptt_horizon=6)),
+    ):
         cfg = _cfg(tmp_path, estimator=est_name, bptt_horizon=6, spectral_rho=None, relax_tol=1e-6, relax_max_steps=60)
         task, run = te.EqlmTask(cfg), _run(cfg)
         torch.manual_seed(1)
@@ -123,7 +126,7 @@ def test_implicit_and_bptt_gradients_are_autograd_through_fixed_point(tmp_path):
         # the oracle: ordinary autograd through eqprop.fixed_point, embeddings included
         z = fixed_point(twin.block, twin.inject(tokens), **backward, **{**cfg.relax_options(), "tol": 1e-6})
         CrossEntropyReadout.for_lm(twin, tokens)(z).backward()
-        for (n, p), (n2, q) in zip(lm.named_parameters(), twin.named_parameters()):
+        for (n, p), (_, q) in zip(lm.named_parameters(), twin.named_parameters()):
             # implicit: the trainer's adjoint (Implicit) and the oracle's (fixed_point hook) are the same
             # solve, to tol 1e-6 relative; the injection goes through the cotangent path
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=f"{est_name} {n}")
@@ -137,7 +140,14 @@ def test_implicit_and_bptt_gradients_are_autograd_through_fixed_point(tmp_path):
 
 
 def test_switch_happens_at_the_configured_step(tmp_path):
-    cfg = _cfg(tmp_path, estimator="ep", switch_to="ep:correction=tracking,beta=0.05", switch_at_step=4, max_steps=7, eval_every=7)
+    cfg = _cfg(
+        tmp_path,
+        estimator="ep",
+        switch_to="ep:correction=tracking,beta=0.05",
+        switch_at_step=4,
+        max_steps=7,
+        eval_every=7,
+    )
     s = te.train(cfg)
     phases = [(r["step"], r["phase"], r["estimator"]) for r in s.history]
     # optimizer step s (1-based in the history) ran with phase 1 from 0-based step 4, i.e. row 5 on
@@ -242,12 +252,20 @@ def test_cli_train_eval_probe(tmp_path, capsys):
     run = tmp_path / "run"
     opts = ["--seq-len", "16", "--d-model", "16", "--batch-size", "8", "--max-steps", "4", "--eval-every", "2"]
     opts += ["--eval-batches", "1", "--final-eval-batches", "1", "--relax-max-steps", "20", "--probe-every", "2"]
-    assert main(["eqlm", "train", *opts, "--estimator", "ep", "--ep-t2", "5", "10", "--out-dir", str(run), "--no-progress"]) == 0
+    assert (
+        main(
+            ["eqlm", "train", *opts, "--estimator", "ep", "--ep-t2", "5", "10", "--out-dir", str(run), "--no-progress"]
+        )
+        == 0
+    )
     assert "ep(b=0.1,n=2): max_steps after 4 steps" in capsys.readouterr().out
     assert json.loads((run / "config.json").read_text())["ep_t2"] == [5, 10]
     assert main(["eqlm", "eval", str(run / "best.pt"), "--batches", "1"]) == 0
     assert "gap to Bayes" in capsys.readouterr().out
-    assert main(["eqlm", "probe", str(run / "best.pt"), "--batches", "2", "--horizon", "5", "--out", str(tmp_path / "p")]) == 0
+    assert (
+        main(["eqlm", "probe", str(run / "best.pt"), "--batches", "2", "--horizon", "5", "--out", str(tmp_path / "p")])
+        == 0
+    )
     probe = json.loads((tmp_path / "p" / "probe.json").read_text())
     assert set(probe["alignment"]) == {
         "ep(b=0.1,n=2) vs bptt",

@@ -61,7 +61,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     r = evaluate(args.checkpoint, batches=args.batches, seed=args.seed, device=args.device)
     if "val_ce" in r:
-        print(f"{args.checkpoint}: validation CE {r['val_ce']:.4f} nats/token ({r['n_windows']} windows, seed {args.seed})")
+        print(
+            f"{args.checkpoint}: validation CE {r['val_ce']:.4f} nats/token "
+            f"({r['n_windows']} windows, seed {args.seed})"
+        )
     else:
         print(
             f"{args.checkpoint}: gap to Bayes {r['gap_pct']:+.2f}% +- {r['gap_se']:.2f} (model {r['model_nll']:.4f} "
@@ -117,7 +120,9 @@ def add_parser(sub) -> None:
     eq = sub.add_parser("eqlm", help="the equilibrium LM trained with BP / BPTT / implicit / EP")
     eq_sub = eq.add_subparsers(dest="command", required=True)
 
-    tr = eq_sub.add_parser("train", help="train (every config field is an option)", description=_train.__doc__, formatter_class=fmt)
+    tr = eq_sub.add_parser(
+        "train", help="train (every config field is an option)", description=_train.__doc__, formatter_class=fmt
+    )
     EqlmConfig.add_options(tr)
     tr.add_argument("-v", "--verbose", action="store_true", help="log every evaluation and the estimator switch")
     tr.set_defaults(func=_train)
@@ -137,9 +142,7 @@ def add_parser(sub) -> None:
     pr.add_argument("--horizon", type=_positive_int("--horizon"), default=30, help="BPTT reference horizon")
     pr.add_argument("--batches", type=int, default=3, help="batches for the self-cosine (>= 2)")
     pr.add_argument("--distances", type=int, nargs="+", default=[1, 2, 4, 8], help="influence distances")
-    pr.add_argument(
-        "--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1], help="lr sweep"
-    )
+    pr.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1], help="lr sweep")
     pr.add_argument("--jr", type=float, default=1e-2, help="Jacobian-penalty weight of the decomposition")
     pr.add_argument("--device", default=None, help="default: cpu")
     pr.add_argument("-v", "--verbose", action="store_true")

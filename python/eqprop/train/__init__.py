@@ -4,9 +4,10 @@
 - ``config``: strict dataclass configs and the command-line options generated from them;
 - ``checkpoint``: atomic, checksummed checkpoints loaded with ``weights_only=True``;
 - ``markov``: transformers on the Markov-k benchmark against the exact Bayes NLL; ``ladder``: grow them
-  until the gap gate passes; ``figures``: the plots the trainers write.
+  until the gap gate passes; ``figures``: the plots the trainers write;
+- ``equilibrium``: the equilibrium LM trained with BP / BPTT / implicit / EP on Markov-k or text.
 """
 
-from . import checkpoint, config, core, ladder, markov
+from . import checkpoint, config, core, equilibrium, ladder, markov
 
-__all__ = ["checkpoint", "config", "core", "ladder", "markov"]
+__all__ = ["checkpoint", "config", "core", "equilibrium", "ladder", "markov"]

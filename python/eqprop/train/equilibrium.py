@@ -39,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -98,7 +99,9 @@ class EqlmConfig(RunConfig):
     k: int = option(1, "Markov order (task=markov)")
     vocab_size: int = option(2, "Markov vocabulary size V (task=markov)")
     alpha: float = option(1.0, "Dirichlet concentration (task=markov)")
-    data: Optional[str] = option(None, "UTF-8 text file or folder (task=text; default: tiny Shakespeare)", metavar="PATH")
+    data: Optional[str] = option(
+        None, "UTF-8 text file or folder (task=text; default: tiny Shakespeare)", metavar="PATH"
+    )
     tokenizer: Literal["char", "bpe"] = option("char", "text tokenizer (saved in out_dir; reused on resume)")
     bpe_vocab_size: int = option(512, "BPE vocabulary size (tokenizer=bpe; > 256)")
     val_fraction: float = option(0.1, "last fraction of the text held out for validation")
@@ -146,7 +149,9 @@ class EqlmConfig(RunConfig):
     )
     ep_gate: Optional[float] = option(None, "skip the nudge when the free residual exceeds this")
     switch_to: Optional[str] = option(
-        None, "second phase, 'ESTIMATOR[:key=value,...]' (keys: horizon beta n_points correction t2 gate)", metavar="SPEC"
+        None,
+        "second phase, 'ESTIMATOR[:key=value,...]' (keys: horizon beta n_points correction t2 gate)",
+        metavar="SPEC",
     )
     switch_at_step: Optional[int] = option(None, "switch to switch_to at this optimizer step")
     switch_on_plateau: bool = option(False, "switch when the eval score plateaus")
@@ -801,10 +806,9 @@ class EqlmTask(Task):
 
     # ---- evaluation -----------------------------------------------------------------------------
     def _with_ema(self, model):
-        if self.ctl is not None and self.cfg.pema is not None and self.ctl._ema is not None:
+        """Evaluate with the parameter EMA (``pema``) once one exists (it is updated after every step)."""
+        if self.ctl is not None and self.cfg.pema is not None and self.sched["done"] > 0:
             return self.ctl.swap_in_ema(model)
-        import contextlib
-
         return contextlib.nullcontext(model)
 
     def eval_set(self, run: Run):
@@ -824,12 +828,16 @@ class EqlmTask(Task):
         with self._with_ema(model):
             if c.task == "markov":
                 ev = tmarkov._evaluate_set(model, eval_set, self.mcfg, run.dist, breakdowns=breakdowns)
-                return ev.to_dict() if breakdowns else {
-                    "eval_nll": ev.model_nll,
-                    "bayes_nll": ev.bayes_nll,
-                    "gap_pct": ev.gap_pct,
-                    "gap_se": ev.gap_se,
-                }
+                return (
+                    ev.to_dict()
+                    if breakdowns
+                    else {
+                        "eval_nll": ev.model_nll,
+                        "bayes_nll": ev.bayes_nll,
+                        "gap_pct": ev.gap_pct,
+                        "gap_se": ev.gap_se,
+                    }
+                )
             return {"val_ce": text_ce(model, eval_set, bf16=c.bf16)}
 
     def evaluate(self, run: Run, model: torch.nn.Module) -> dict:
@@ -906,12 +914,10 @@ def _series(history, col):
 
 def plot_curves(histories: dict, score: str, path) -> str:
     """Evaluation score against tokens-equivalent steps, one line per run ({label: history})."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
     for label, h in histories.items():
         xs, ys = _series(h, score)
         ax.plot(xs, ys, "o-", ms=3, label=label)
@@ -921,18 +927,15 @@ def plot_curves(histories: dict, score: str, path) -> str:
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return str(path)
 
 
 def plot_relaxation(history: list, path) -> str:
     """Free-phase residual (log) and jr over training."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
     xs, ys = _series(history, "free_res")
     ax.semilogy(xs, [max(y, 1e-12) for y in ys], label="free residual (batch max, rel)")
     xs, ys = _series(history, "nudged_res")
@@ -947,18 +950,15 @@ def plot_relaxation(history: list, path) -> str:
     ax.legend(fontsize="small", loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return str(path)
 
 
 def plot_alignment(histories: dict, path) -> str:
     """cos(training gradient, reference) and batch self-cosine over training, one line pair per run."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
     for i, (label, h) in enumerate(histories.items()):
         xs, ys = _series(h, "cos_ref")
         if xs:
@@ -973,7 +973,6 @@ def plot_alignment(histories: dict, path) -> str:
     ax.legend(fontsize="x-small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return str(path)
 
 
@@ -1101,7 +1100,9 @@ def probe(
     pen = ctl.penalty(model.block, x, z)
     params = [q for q in model.block.parameters()]
     gp = torch.autograd.grad(pen, params, allow_unused=True)
-    pen_grads = {n: (g if g is not None else torch.zeros_like(q)) for n, g, q in zip(model.block.param_names(), gp, params)}
+    pen_grads = {
+        n: (g if g is not None else torch.zeros_like(q)) for n, g, q in zip(model.block.param_names(), gp, params)
+    }
     task_grads = {n: ref_imp.grads[n] for n in model.block.param_names()}
     dec = decompose(task_grads, pen_grads, "default")
     result["decomposition"] = {"jr": jr, "cos": dec.cos, "ratio": dec.ratio, "cos_total": dec.cos_total}
@@ -1112,32 +1113,30 @@ def probe(
     result["influence"] = {"distances": ds, "mean": inf.mean.tolist(), "normalized": inf.normalized.tolist()}
     text += ["", "== influence |dz*_t/dx_(t-d)| (normalized to d=1)"]
     text += [f"d={d}: {m:.4g} ({nm:.3g})" for d, m, nm in zip(ds, inf.mean.tolist(), inf.normalized.tolist())]
-    sweep = lr_sweep(model, {f"block.{n}": g for n, g in task_grads.items()}, lrs, toks[0], lambda m, b: task.loss(run, m, b))
+    sweep = lr_sweep(
+        model, {f"block.{n}": g for n, g in task_grads.items()}, lrs, toks[0], lambda m, b: task.loss(run, m, b)
+    )
     result["lr_sweep"] = [list(r) for r in sweep]
     text += ["", "== one-step lr sweep (implicit gradient of the block)"]
     text += [f"lr={lr:g}: dCE={d:+.5f}" for lr, d in sweep]
     import json
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     figs = {}
     n = len(align_objs)
-    fig, axes = plt.subplots(1, n, figsize=(4.0 * n, 3.4), squeeze=False)
-    for ax, (label, a) in zip(axes[0], align_objs.items()):
+    fig = Figure(figsize=(4.0 * n, 3.4))
+    for ax, (label, a) in zip(fig.subplots(1, n, squeeze=False)[0], align_objs.items()):
         a.plot(ax)
         ax.set_title(label, fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "alignment.png", dpi=110)
-    plt.close(fig)
     figs["alignment"] = str(out / "alignment.png")
     for name, obj in (("influence", inf), ("lr_sweep", sweep)):
-        ax = obj.plot()
-        ax.figure.tight_layout()
-        ax.figure.savefig(out / f"{name}.png", dpi=110)
-        plt.close(ax.figure)
+        fig = Figure(figsize=(4.5, 3.0))
+        obj.plot(fig.subplots())
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=110)
         figs[name] = str(out / f"{name}.png")
     result["figures"] = figs
     (out / "probe.json").write_text(json.dumps(result, indent=2) + "\n")
