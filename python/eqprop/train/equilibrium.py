@@ -694,9 +694,9 @@ class EqlmTask(Task):
         (∂F/∂x)ᵀu with the estimate's cotangent u (docs/design.md §5), then autograd to the embeddings."""
         if est.stats.get("skipped"):
             self.sched["skipped"] += 1
-        est.grads = {n: g / scale for n, g in est.grads.items()}
-        ro = CrossEntropyReadout(lm.ln_f, lm.head, torch.zeros(1, 1, dtype=torch.long))
-        est.apply_to(lm.block, readout=ro)
+        scaled = dataclasses.replace(est, grads={n: g / scale for n, g in est.grads.items()})
+        ro = CrossEntropyReadout(lm.ln_f, lm.head, torch.zeros(1, 1, dtype=torch.long))  # names readout.ln / .head
+        scaled.apply_to(lm.block, readout=ro)
         u = est.stats.get("cotangent")
         if u is None:  # a skipped nudge: no signal for the injection either
             return
