@@ -101,7 +101,10 @@ def run_one(method: str, cfg: dict, out_dir: str, row_path: str) -> None:
         peak_mem_mb=max(r["mem_mb"] for r in h),
         wall_s=s.wall_s,
         curve=[(r["step"] * tokens_per_step, r["val_ce"]) for r in h if r.get("val_ce") is not None],
-        alignment=[(r["step"], r["cos_ref"], r.get("self_cos")) for r in h if r.get("cos_ref") is not None],
+        # (step, cos vs BPTT(30) of block + readout, batch self-cosine, cos of the block's parameters only)
+        alignment=[
+            (r["step"], r["cos_ref"], r.get("self_cos"), r.get("cos_block")) for r in h if r.get("cos_ref") is not None
+        ],
         free_res=[(r["step"], r["free_res"]) for r in h if r.get("free_res") is not None],
         sample=s.final.get("sample") if isinstance(s.final, dict) else None,
     )
@@ -122,8 +125,11 @@ def figure(rows: list, path: pathlib.Path, title: str) -> None:
             if r.get("switched_at"):
                 a.axvline(r["switched_at"] * r["tokens"] / max(r["steps"], 1), color=f"C{i}", ls=":", lw=1)
         if r.get("alignment"):
-            s, c, _ = zip(*r["alignment"])
-            b.plot(s, c, "o-", ms=3, color=f"C{i}", label=r["method"])
+            s, c = [a[0] for a in r["alignment"]], [a[1] for a in r["alignment"]]
+            b.plot(s, c, "o-", ms=3, color=f"C{i}", label=f"{r['method']} (block + readout)")
+            blk = [a[3] if len(a) > 3 else None for a in r["alignment"]]
+            if all(v is not None for v in blk):
+                b.plot(s, blk, "s--", ms=3, color=f"C{i}", alpha=0.7, label=f"{r['method']} (block only)")
     a.set_xlabel("training tokens")
     a.set_ylabel("validation CE (nats/char)")
     a.set_title(title, fontsize="small")
@@ -133,7 +139,7 @@ def figure(rows: list, path: pathlib.Path, title: str) -> None:
     b.set_ylabel("cos(training gradient, BPTT(30))")
     b.set_ylim(-0.1, 1.05)
     b.grid(alpha=0.3)
-    b.legend(fontsize="small")
+    b.legend(fontsize="x-small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

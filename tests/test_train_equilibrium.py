@@ -220,6 +220,7 @@ def test_plateau_switch_and_exact_resume_across_it(tmp_path):
     assert {r["ctl_action"] for r in straight.history} <= {"rise", "decay", "hold"}
     probed = [r for r in straight.history if r.get("cos_ref") is not None]
     assert [r["step"] for r in probed] == [3, 6, 9] and all(-1 <= r["cos_ref"] <= 1 for r in probed)
+    assert all(-1 <= r["cos_block"] <= 1 and r["nudged_res"] >= 0 for r in probed)
     assert all(r["penalty_share"] > 0 for r in probed)
 
     def interrupt_at_7(record, model):

@@ -80,7 +80,7 @@ __all__ = [
 ESTIMATOR_KEYS = ("estimator", "horizon", "beta", "n_points", "correction", "t2", "gate")
 #: columns logged every logged step (controller decision) and at probe steps (the rest)
 STEP_COLUMNS = ("phase", "estimator", "jr", "ctl_action", "free_res", "free_steps", "skipped_nudges")
-PROBE_COLUMNS = ("cos_ref", "ratio_ref", "self_cos", "nudged_res", "nonnormality", "penalty_share")
+PROBE_COLUMNS = ("cos_ref", "ratio_ref", "cos_block", "self_cos", "nudged_res", "nonnormality", "penalty_share")
 
 
 @dataclass
@@ -775,7 +775,10 @@ class EqlmTask(Task):
                 if c.probe_reference == "bptt"
                 else Implicit(backward_max_steps=c.backward_max_steps, backward_tol=c.backward_tol, **c.relax_options())
             ).grad(lm.block, x, ro)
-            a = alignment({n: g for n, g in est.grads.items()}, ref.grads)
+            a = alignment(est.grads, ref.grads)
+            # the readout's gradient is exact for every estimator: the block's alone shows the estimator
+            block = lm.block.param_names()
+            a_block = alignment({n: est.grads[n] for n in block}, {n: ref.grads[n] for n in block})
             batches = []
             for i in range(c.probe_batches):
                 t = tokens if i == 0 else self.probe_batch(run, self._step, i)
@@ -796,6 +799,7 @@ class EqlmTask(Task):
             return dict(
                 cos_ref=a.overall_cos,
                 ratio_ref=a.overall_ratio,
+                cos_block=a_block.overall_cos,
                 self_cos=sc,
                 nudged_res=nudged,
                 nonnormality=nonnorm,
