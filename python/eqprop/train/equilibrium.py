@@ -86,7 +86,7 @@ PROBE_COLUMNS = ("cos_ref", "ratio_ref", "cos_block", "self_cos", "nudged_res", 
 @dataclass
 class EqlmConfig(RunConfig):
     """Everything an equilibrium-LM run depends on. Defaults: Markov k = 1, a width-32 equilibrium LM
-    trained with implicit differentiation (seconds per hundred steps on a CPU).
+    trained with implicit differentiation (a CPU-sized demo: L = 200, 400 steps).
 
     The loop's knobs (optimizer, lr schedule, batch, grad accumulation, eval cadence, bf16, out_dir,
     resume / overwrite) come from ``RunConfig``.
@@ -386,7 +386,9 @@ def _markov_config(cfg: EqlmConfig) -> tmarkov.TrainConfig:
 
 def prepare_corpus(cfg: EqlmConfig, run_dir: Optional[Path]):
     """The text corpus of a text run (``eqprop.data.TextCorpus``); the tokenizer is loaded from ``run_dir``
-    when saved there, else trained on the training split and saved."""
+    when saved there, else trained on the training split and saved.
+
+    Example: ``prepare_corpus(EqlmConfig(task="text"), Path("runs/eqlm")).vocab_size  # 65``"""
     from eqprop.data import TextCorpus
 
     return TextCorpus.prepare(
@@ -681,7 +683,7 @@ class EqlmTask(Task):
         if penalty is not None:
             (penalty / scale).backward()
         if first and self.cfg.probe_every and (step + 1) % self.cfg.probe_every == 0:
-            self._probe = self.run_probes(run, lm, tokens, phase, est, info)
+            self._probe = self.run_probes(run, lm, tokens, phase, est)
         if self._micro == self.cfg.grad_accum_steps - 1 and run.dist.world_size > 1:
             for q in lm.parameters():  # estimates bypass DDP's hooks: average the gradients here
                 if q.grad is not None:
@@ -757,7 +759,7 @@ class EqlmTask(Task):
         return row
 
     # ---- probes (docs/design.md §7) -------------------------------------------------------------
-    def run_probes(self, run: Run, lm, tokens, phase: int, est, info) -> dict:
+    def run_probes(self, run: Run, lm, tokens, phase: int, est) -> dict:
         """Alignment with the reference, batch self-cosine, nudged residual, non-normality, penalty share,
         on this step's first micro-batch at the current parameters (eval mode: no spectral update)."""
         c = self.cfg
@@ -894,7 +896,9 @@ class EqlmTask(Task):
 
 @torch.no_grad()
 def text_ce(model: torch.nn.Module, batches, *, bf16: bool = False) -> float:
-    """Mean next-token CE (nats) over positions 1..L-1 of every window in ``batches`` ([b, L] each)."""
+    """Mean next-token CE (nats) over positions 1..L-1 of every window in ``batches`` ([b, L] int64 each).
+
+    Example: ``text_ce(lm, corpus.eval_windows("val", 64, 32).split(8))``"""
     was = model.training
     model.eval()
     total, n = 0.0, 0
@@ -917,7 +921,8 @@ def _series(history, col):
 
 
 def plot_curves(histories: dict, score: str, path) -> str:
-    """Evaluation score against tokens-equivalent steps, one line per run ({label: history})."""
+    """Evaluation score (``score``: a history column) against the step, one line per run ({label: history
+    rows}), saved to ``path``. Example: ``plot_curves({"ep": summary.history}, "val_ce", "val.png")``"""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
     fig = Figure(figsize=(5.5, 3.5))
@@ -935,7 +940,9 @@ def plot_curves(histories: dict, score: str, path) -> str:
 
 
 def plot_relaxation(history: list, path) -> str:
-    """Free-phase residual (log) and jr over training."""
+    """Free-phase and nudged residuals (log) and jr over training, saved to ``path``.
+
+    Example: ``plot_relaxation(summary.history, "relaxation.png")``"""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
     fig = Figure(figsize=(5.5, 3.5))
@@ -958,7 +965,8 @@ def plot_relaxation(history: list, path) -> str:
 
 
 def plot_alignment(histories: dict, path) -> str:
-    """cos(training gradient, reference) and batch self-cosine over training, one line pair per run."""
+    """cos(training gradient, reference) and batch self-cosine over training, one line pair per run
+    ({label: history rows}), saved to ``path``. Example: ``plot_alignment({"ep": summary.history}, "a.png")``"""
     from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's) is left alone
 
     fig = Figure(figsize=(5.5, 3.5))
