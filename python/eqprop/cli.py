@@ -265,7 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     TrainConfig.add_options(ld, skip=_LADDER_SKIP, defaults=LADDER_START)
     ld.add_argument("-v", "--verbose", action="store_true")
     ld.set_defaults(func=_markov_ladder)
-    __import__("eqprop.cli_lengthgen").cli_lengthgen.add_parser(sub)  # eqprop lengthgen train | status | compare
+    from eqprop import cli_eqlm, cli_lengthgen
+
+    cli_eqlm.add_parser(sub)  # eqprop eqlm train | eval | probe
+    cli_lengthgen.add_parser(sub)  # eqprop lengthgen train | status | compare
     return parser
 
 

@@ -260,7 +260,8 @@ class EP:
     Averaging over several batches (``navg``) is gradient accumulation in the trainer, not an option
     here. Stats: ``forward`` (free-phase :class:`RelaxInfo`), ``nudged`` (one RelaxInfo per relaxed
     point, at the chosen T2), ``t2`` (chosen), ``t2_residual`` {T2: drop}, ``skipped``, ``beta_points``
-    (the relaxed β_k), ``n_points``, ``correction``, ``n_evals`` (batched nudged steps).
+    (the relaxed β_k), ``n_points``, ``correction``, ``n_evals`` (batched nudged steps), ``cotangent``
+    (v with ĝ = (∂F/∂θ)ᵀ v; absent when the nudge was skipped).
 
     Example: ``est = EP(0.05, n_points=4, correction="tracking").grad(block, x, readout); est.apply_to(block)``
     """
@@ -416,6 +417,9 @@ class EP:
         stats["t2"] = int(res["t2"][res["chosen"]])
         stats["t2_residual"] = dict(zip((int(t) for t in res["t2"]), (float(r) for r in res["snapshot_residual"])))
         stats["n_evals"] = int(res["n_evals"])
+        # ĝ = (∂F/∂θ)ᵀ v at z* (docs/design.md §5): v also gives the gradient of anything else F depends
+        # on, e.g. the injection, (∂F/∂x)ᵀ v
+        stats["cotangent"] = res["v"].real if res["v"].is_complex() else res["v"]
         n_div = int((status == 2).sum())
         if n_div:
             log.warning("EP: %d of %d nudged states diverged", n_div, status.numel())

@@ -42,6 +42,8 @@ class Estimate:
     point, detached) and ``stats`` (forward ``relax`` info and, where it applies, the backward solve).
 
     ``apply_to(module)`` writes the grads into ``p.grad`` of matching named parameters.
+    ``stats["cotangent"]`` (:class:`Implicit` λ, EP v): the vector u with field gradient
+    (∂F/∂θ)ᵀu at z*, so the gradient of the injection x is (∂F/∂x)ᵀu.
     ``stats["forward"].nonconverged`` and (Implicit) ``stats["backward"]["nonconverged"]`` [B]
     flag the samples whose relaxation / adjoint solve ended above its tolerance.
     """
@@ -156,7 +158,11 @@ class Implicit:
             info,
         )
         return Estimate(
-            loss=loss, grads={**field_grads, **grads}, z=z_star.detach(), stats={"forward": info, "backward": backward}
+            loss=loss,
+            grads={**field_grads, **grads},
+            z=z_star.detach(),
+            # λ: the field gradient is (∂F/∂θ)ᵀλ, and that of the injection (∂F/∂x)ᵀλ (docs/design.md §5)
+            stats={"forward": info, "backward": backward, "cotangent": _autograd_convention(res["lambda"], z_star)},
         )
 
 

@@ -43,6 +43,10 @@ Extension points -- a new trainer subclasses ``Task`` and overrides:
     build_model(run)          -> nn.Module              called after torch.manual_seed(config.seed)
     train_batch(run, step, micro) -> batch              this rank's share of the global micro-batch
     loss(run, model, batch)   -> scalar tensor          call model(...) (the DDP wrapper), not a method
+    backward(run, model, batch, scale) -> loss tensor   fills .grad; default: autocast, loss / scale, backward
+    halt(run)                 -> (status, msg) | None   asked after the gradients, before the step: stop cleanly
+    after_step(run, model, step) -> {column: value}     after optimizer.step (EMA, probes); a row is logged if any
+    state_dict() / load_state_dict(state)               the task's own state, saved in checkpoints (exact resume)
     evaluate(run, model)      -> {column: value}        must contain task.score (lower is better)
     stop_reason(run, metrics) -> str | None             early stop (asked only when config.early_stop)
     final_evaluation(run, model) -> JSON-able           on best.pt at the end
@@ -362,6 +366,32 @@ class Task:
     def loss(self, run: Run, model: torch.nn.Module, batch) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__}.loss")
 
+    def backward(self, run: Run, model: torch.nn.Module, batch, scale: int) -> torch.Tensor:
+        """Fill ``.grad`` for one micro-batch and return its detached loss divided by ``scale`` (the number of
+        micro-steps). The default is ``loss(...) / scale`` under ``run.autocast()`` and ``.backward()``; a task
+        whose gradient is not autograd's (an estimator writing ``.grad`` itself) overrides it."""
+        with run.autocast():
+            loss = self.loss(run, model, batch) / scale
+        loss.backward()
+        return loss.detach()
+
+    def halt(self, run: Run) -> Optional[tuple]:
+        """``(status, message)`` to stop cleanly before this step's update (nothing is written: the last
+        checkpoint stays the last good state), or None. Asked once per optimizer step, after the gradients."""
+        return None
+
+    def after_step(self, run: Run, model: torch.nn.Module, step: int) -> dict:
+        """Called after each optimizer step (``step`` = steps done); extra history columns (non-empty: the row
+        is logged)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """The task's own training state (schedules, controllers), saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()`` on resume."""
+
     def evaluate(self, run: Run, model: torch.nn.Module) -> dict:
         raise NotImplementedError(f"{type(self).__name__}.evaluate")
 
@@ -382,7 +412,8 @@ class Task:
 class RunResult:
     """What the loop did. ``status``: ``reached_target`` (early stop), ``max_steps``, ``interrupted``
     (SIGINT/SIGTERM: ``stop_signal``; no final evaluation), ``diverged`` (non-finite loss; final
-    evaluation of ``best.pt`` if there is one)."""
+    evaluation of ``best.pt`` if there is one), or a status of the task's ``halt`` (e.g. a tripped
+    fuse; final evaluation of ``best.pt`` if there is one)."""
 
     status: str
     steps: int
@@ -481,6 +512,7 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                 "history": list(rows),
                 "rng": rng_state(),
+                "task_state": task.state_dict(),
             },
             path,
         )
@@ -518,14 +550,18 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
                 tokens += task.tokens(batch) * dist_info.world_size
                 sync = micro == cfg.grad_accum_steps - 1 or dist_info.world_size == 1
                 with contextlib.nullcontext() if sync else model.no_sync():
-                    with run.autocast():
-                        loss = task.loss(run, model, batch) / cfg.grad_accum_steps
-                    loss.backward()
+                    loss = task.backward(run, model, batch, cfg.grad_accum_steps)
                 loss_sum += loss.detach().double()
             if dist_info.world_size > 1:  # the global mean, so every rank logs (and judges) the same loss
                 dist.all_reduce(loss_sum)
                 loss_sum /= dist_info.world_size
             train_loss = float(loss_sum)
+            halt = task.halt(run)
+            if halt:
+                status, message = halt[0], f"{halt[1]}; " + _saved_checkpoints_note(out_dir)
+                optimizer.zero_grad(set_to_none=True)
+                log.warning(message)
+                break
 
             # clip, divergence check, step
             grad_norm = float(
@@ -544,6 +580,7 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
             optimizer.zero_grad(set_to_none=True)
             step += 1
             run.step = step
+            extra = task.after_step(run, raw_model, step)
 
             # log
             record = {
@@ -555,6 +592,7 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
                 "mem_mb": peak_memory_mb(device),
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start,
             }
+            record.update(extra)
             state["tokens_seen"] += tokens
 
             # eval, best.pt, early stop
@@ -570,7 +608,7 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
                 reason = task.stop_reason(run, metrics) if cfg.early_stop else None
                 if reason:
                     status, message = "reached_target", reason
-            if evaluated or step % cfg.log_every == 0 or step == cfg.max_steps:
+            if evaluated or extra or step % cfg.log_every == 0 or step == cfg.max_steps:
                 history.append(record)
             if callback is not None:
                 callback(record, raw_model)
@@ -706,6 +744,7 @@ def _restore(path: Path, task: Task, cfg: RunConfig, model, optimizer) -> dict:
     for group, h in zip(optimizer.param_groups, hyper):
         group.update(h)
     set_rng_state(ckpt["rng"])
+    task.load_state_dict(ckpt.get("task_state", {}))
     # rows logged after the checkpoint (a crash between checkpoints) are dropped: they will be redone
     history = [r for r in ckpt["history"] if r["step"] <= ckpt["step"]]
     return {
