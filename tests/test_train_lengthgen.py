@@ -228,7 +228,7 @@ def test_a_tokenizer_mismatch_on_resume_fails_before_the_first_step(tmp_path):
     assert s.status == "max_steps" and (tmp_path / "run" / "tokenizer.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()}
     with pytest.raises(ValueError, match="tokenizer='bpe' differs from the one saved in"):
-        lg.train(cfg.replace(resume=True, tokenizer="bpe", vocab_size=300, max_steps=4))
+        lg.train(cfg.replace(resume=True, tokenizer="bpe", bpe_vocab_size=300, max_steps=4))
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").iterdir()} == before
 
 

@@ -58,6 +58,7 @@ from eqprop.gradients import alignment, self_cosine
 from eqprop.models import Transformer, next_token_nll
 from eqprop.solvers import fixed_point
 from eqprop.train import markov as tmarkov
+from eqprop.train import text as text_data
 from eqprop.train.checkpoint import load_checkpoint_file
 from eqprop.train.config import RunConfig, option
 from eqprop.train.core import DistInfo, Run, RunResult, Task, derive_seed, fit, resolve_device
@@ -384,22 +385,6 @@ def _markov_config(cfg: EqlmConfig) -> tmarkov.TrainConfig:
     )
 
 
-def prepare_corpus(cfg: EqlmConfig, run_dir: Optional[Path]):
-    """The text corpus of a text run (``eqprop.data.TextCorpus``); the tokenizer is loaded from ``run_dir``
-    when saved there, else trained on the training split and saved.
-
-    Example: ``prepare_corpus(EqlmConfig(task="text"), Path("runs/eqlm")).vocab_size  # 65``"""
-    from eqprop.data import TextCorpus
-
-    return TextCorpus.prepare(
-        data=cfg.data,
-        tokenizer=cfg.tokenizer,
-        vocab_size=cfg.bpe_vocab_size if cfg.tokenizer == "bpe" else None,
-        run_dir=None if run_dir is None else str(run_dir),
-        val_fraction=cfg.val_fraction,
-    )
-
-
 def build_model(cfg: EqlmConfig, vocab_size: int) -> torch.nn.Module:
     """The model a config describes: ``EquilibriumLM`` or, for ``model="transformer"``, a ``Transformer`` of
     the same width. Example: ``build_model(EqlmConfig(), 2)``"""
@@ -531,7 +516,7 @@ class EqlmTask(Task):
         self.eval_columns = eval_cols + STEP_COLUMNS + PROBE_COLUMNS
         self.phases = cfg.phases()
         self.estimators = [_make_estimator(p, cfg) for p in self.phases]
-        self.corpus = None
+        self.corpus, self._fresh_tokenizer = None, False
         self._eval_set = None
         self.ctl = None
         if cfg.model == "equilibrium":
@@ -569,15 +554,19 @@ class EqlmTask(Task):
             self.ctl.load_state_dict(state["ctl"])
 
     # ---- model and batches ----------------------------------------------------------------------
-    def vocab(self, run: Run) -> int:
-        if self.cfg.task == "markov":
-            return self.cfg.vocab_size
-        if self.corpus is None:
-            self.corpus = prepare_corpus(self.cfg, run.out_dir if run.dist.is_main else None)
-        return self.corpus.vocab_size
+    def prepare(self, run: Run) -> None:
+        # text: read and tokenize (on resume: check the run's saved tokenizer) before anything is written
+        c = self.cfg
+        if c.task == "text":
+            self.corpus, self._fresh_tokenizer = text_data.open_corpus(c, run)
+            n = max(c.eval_batches, c.final_eval_batches) * c.eval_batch_size
+            self.corpus.eval_windows("val", c.train_len, n)  # a val split too short for them: ValueError now
 
     def build_model(self, run: Run) -> torch.nn.Module:
-        model = build_model(self.cfg, self.vocab(run))
+        if self.cfg.task == "text" and self._fresh_tokenizer:  # fit has prepared out_dir
+            text_data.save_tokenizer(self.cfg, self.corpus, run)
+        vocab = self.cfg.vocab_size if self.cfg.task == "markov" else self.corpus.vocab_size
+        model = build_model(self.cfg, vocab)
         if self.ctl is not None:
             self.ctl.apply_spectral_cap(model)
         return model
@@ -1016,7 +1005,7 @@ def load_checkpoint(path, *, device: str = "cpu") -> tuple:
             f"{path} is a checkpoint of the {ckpt.get('trainer')!r} trainer, not of eqprop.train.equilibrium"
         )
     cfg = EqlmConfig.from_dict(ckpt["config"])
-    corpus = prepare_corpus(cfg, Path(path).parent) if cfg.task == "text" else None
+    corpus = text_data.load_corpus(cfg, Path(path).parent) if cfg.task == "text" else None
     model = build_model(cfg, ckpt["model_config"]["vocab_size"]).to(device)
     model.load_state_dict(ckpt["model"])
     return model, cfg, ckpt, corpus
@@ -1135,18 +1124,17 @@ def probe(
 
     from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
+    from eqprop.plots import plot_alignments
+
     figs = {}
-    n = len(align_objs)
-    fig = Figure(figsize=(4.0 * n, 3.4))
-    for ax, (label, a) in zip(fig.subplots(1, n, squeeze=False)[0], align_objs.items()):
-        a.plot(ax)
-        ax.set_title(label, fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out / "alignment.png", dpi=110)
-    figs["alignment"] = str(out / "alignment.png")
-    for name, obj in (("influence", inf), ("lr_sweep", sweep)):
-        fig = Figure(figsize=(4.5, 3.0))
-        obj.plot(fig.subplots())
+    panels = (
+        ("alignment", lambda axes: plot_alignments(align_objs, axes=axes), 2),
+        ("influence", inf.plot, 2),
+        ("lr_sweep", lambda axes: sweep.plot(axes[0]), 1),
+    )
+    for name, draw, n_panels in panels:
+        fig = Figure(figsize=(5.0 * n_panels, 3.4))
+        draw(list(fig.subplots(1, n_panels, squeeze=False)[0]))
         fig.tight_layout()
         fig.savefig(out / f"{name}.png", dpi=110)
         figs[name] = str(out / f"{name}.png")

@@ -55,6 +55,7 @@ from eqprop import markov
 from eqprop.models import POS_ENCODINGS, Transformer, next_token_nll
 from eqprop.train.checkpoint import load_checkpoint_file, save_checkpoint, write_text_atomic
 from eqprop.train.config import RunConfig, option
+from eqprop.train import text as text_data
 from eqprop.train.core import DistInfo, Run, RunResult, Task, derive_seed, fit
 
 log = logging.getLogger(__name__)
@@ -96,12 +97,11 @@ class LengthGenConfig(RunConfig):
     # the data
     task: Literal["markov", "text"] = option("markov", "Markov-k sequences or a text corpus")
     k: int = option(2, "Markov order (task markov)")
-    vocab_size: Optional[int] = option(
-        None, "markov: V (default 2); text with tokenizer bpe: the BPE vocabulary size (default: the tokenizer's)"
-    )
+    vocab_size: int = option(2, "Markov vocabulary size V (task markov)")
     alpha: float = option(1.0, "Dirichlet concentration of each table row (task markov)")
     data: Optional[str] = option(None, "text file or folder (task text; default: the shipped tiny Shakespeare)")
-    tokenizer: Literal["char", "bpe"] = option("char", "tokenizer (task text)")
+    tokenizer: Literal["char", "bpe"] = option("char", "tokenizer (task text; saved in out_dir, reused on resume)")
+    bpe_vocab_size: int = option(512, "BPE vocabulary size (tokenizer bpe; > 256)")
     val_fraction: float = option(0.1, "held-out fraction of the corpus (task text)")
     # lengths
     window: int = option(64, "W: the training length (and the sliding-attention window unless attn_window)")
@@ -135,12 +135,8 @@ class LengthGenConfig(RunConfig):
         first = self.first_position
         return super().checks() + [
             ("k", self.k >= 1, ">= 1"),
-            (
-                "vocab_size",
-                self.vocab_size is None
-                or (self.vocab_size >= 2 and not (self.task == "text" and self.tokenizer == "char")),
-                "None or >= 2 (and None for tokenizer='char': the characters decide)",
-            ),
+            ("vocab_size", self.vocab_size >= 2, ">= 2"),
+            ("bpe_vocab_size", self.bpe_vocab_size > 256, "> 256 (the byte alphabet)"),
             ("alpha", self.alpha > 0, "> 0"),
             ("val_fraction", 0 < self.val_fraction < 1, "in (0, 1)"),
             ("window", self.window > first + 1, f"> {first + 1} (positions t >= {first} are scored)"),
@@ -182,10 +178,6 @@ class LengthGenConfig(RunConfig):
     @property
     def eval_len(self) -> int:
         return self.eval_factor * self.window
-
-    @property
-    def markov_vocab(self) -> int:
-        return self.vocab_size or 2
 
 
 def train_length_at(step: int, cfg: LengthGenConfig) -> int:
@@ -425,6 +417,7 @@ class LengthGenTask(Task):
         "alpha",
         "data",
         "tokenizer",
+        "bpe_vocab_size",
         "val_fraction",
         "window",
         "eval_factor",
@@ -447,7 +440,7 @@ class LengthGenTask(Task):
         self.cfg = cfg
         self.eval_columns = _bucket_columns(cfg.buckets, cfg.task == "markov")
         self.corpus = None
-        self.vocab = cfg.markov_vocab if cfg.task == "markov" else None
+        self.vocab = cfg.vocab_size if cfg.task == "markov" else None
         self._eval_set = None  # (tokens [N, 20W], bayes [N, 20W] or None)
         self._final = None
         self._fresh_tokenizer = False
@@ -457,19 +450,7 @@ class LengthGenTask(Task):
         c = self.cfg
         if c.task != "text":
             return
-        from eqprop.data import TextCorpus
-
-        resuming = c.resume and (run.out_dir / "last.pt").exists()
-        # A resumed run must tokenize as it did: the run's tokenizer.json is loaded and checked. A fresh run
-        # trains its tokenizer in memory; it is saved into out_dir only once fit has prepared the folder.
-        self.corpus = TextCorpus.prepare(
-            data=c.data,
-            tokenizer=c.tokenizer,
-            vocab_size=c.vocab_size,
-            run_dir=run.out_dir if resuming else None,
-            val_fraction=c.val_fraction,
-        )
-        self._fresh_tokenizer = not resuming
+        self.corpus, self._fresh_tokenizer = text_data.open_corpus(c, run)
         self.vocab = self.corpus.vocab_size
         n_train, n_val = len(self.corpus.train), len(self.corpus.val)
         if n_train < c.window + 1:
@@ -511,9 +492,8 @@ class LengthGenTask(Task):
                 "untrained embeddings (docs/lengthgen.md)",
                 c.window,
             )
-        if self._fresh_tokenizer and run.dist.is_main:  # fit has prepared out_dir (moved an old run aside)
-            run.out_dir.mkdir(parents=True, exist_ok=True)
-            _save_tokenizer(c, self.corpus, run.out_dir)
+        if self._fresh_tokenizer:  # fit has prepared out_dir (moved an old run aside)
+            text_data.save_tokenizer(c, self.corpus, run)
         return build_model(c, self.vocab)
 
     def train_batch(self, run: Run, step: int, micro: int) -> torch.Tensor:
@@ -659,19 +639,6 @@ def early_stop_reason(scores: list, patience: int, min_delta: float) -> Optional
             f"(best {best:.4f} at evaluation {best_i + 1}; patience {patience})"
         )
     return None
-
-
-def _save_tokenizer(cfg: LengthGenConfig, corpus, out_dir: Path) -> None:
-    """Store the tokenizer checked in ``prepare`` as ``out_dir/tokenizer.json`` with the corpus record
-    ``data.json`` (``TextCorpus.prepare`` saves into a run_dir that has none); a resume checks both."""
-    from eqprop.data import TextCorpus
-    from eqprop.data.text import DATA_META_FILE, TOKENIZER_FILE
-
-    # fit has made sure out_dir holds no run (or moved it aside): a tokenizer there is left from a start that
-    # failed before its first step, and must not be checked against as if this were a resume
-    for name in (TOKENIZER_FILE, DATA_META_FILE):
-        (out_dir / name).unlink(missing_ok=True)
-    TextCorpus.prepare(data=cfg.data, tokenizer=corpus.tokenizer, run_dir=out_dir, val_fraction=cfg.val_fraction)
 
 
 def _jsonable(obj):
@@ -1075,7 +1042,7 @@ EVAL_SET_KEYS = {
         "task",
         "data",
         "tokenizer",
-        "vocab_size",
+        "bpe_vocab_size",
         "val_fraction",
         "window",
         "eval_factor",
