@@ -436,6 +436,12 @@ class RunResult:
             d.pop("history")
         return d
 
+    @classmethod
+    def extend(cls, result: "RunResult", **extra):
+        """A subclass's result (a trainer's summary, adding defaulted fields) from the loop's ``result``.
+        Example: ``MySummary.extend(result, k=2)``"""
+        return cls(**{f.name: getattr(result, f.name) for f in dataclasses.fields(RunResult)}, **extra)
+
 
 # ----------------------------------------------------------------------------------------------------
 # the loop

@@ -862,9 +862,8 @@ class EqlmTask(Task):
         return out
 
     def summarize(self, run: Run, r: RunResult) -> EqlmSummary:
-        d = {f.name: getattr(r, f.name) for f in dataclasses.fields(RunResult)}
-        return EqlmSummary(
-            **d,
+        return EqlmSummary.extend(
+            r,
             task=self.cfg.task,
             model=self.cfg.model,
             score_name=self.score,

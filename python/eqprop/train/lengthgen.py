@@ -39,13 +39,12 @@ Example::
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -584,9 +583,8 @@ class LengthGenTask(Task):
 
     def summarize(self, run: Run, r: RunResult) -> "Summary":
         c = self.cfg
-        return Summary(
-            status=r.status,
-            steps=r.steps,
+        return Summary.extend(
+            r,
             task=c.task,
             attention=c.attention,
             window=c.window,
@@ -594,18 +592,7 @@ class LengthGenTask(Task):
             pos_enc=c.pos_enc,
             vocab_size=self.vocab,
             data=self.corpus.description if self.corpus is not None else f"Markov k={c.k}, V={self.vocab}",
-            n_params=r.n_params,
-            best_step=r.best_step,
             best_nll_1w=r.best.get(self.score),
-            final=r.final,
-            wall_s=r.wall_s,
-            tokens_seen=r.tokens_seen,
-            world_size=r.world_size,
-            out_dir=r.out_dir,
-            figures=dict(r.figures),
-            message=r.message,
-            stop_signal=r.stop_signal,
-            history=r.history,
         )
 
     def figures(self, run: Run, r: RunResult) -> dict:
@@ -683,7 +670,7 @@ def _bucket_line(buckets: list) -> str:
 
 
 @dataclass
-class Summary:
+class Summary(RunResult):
     """What ``train`` returns (and writes, less ``history``, to ``summary.json``); ``print(summary)`` gives the
     bucket table of ``best.pt``.
 
@@ -692,33 +679,14 @@ class Summary:
     ``best.pt`` (bucket dicts as ``bucket_stats``); the per-position curves are in ``final_eval.json``.
     """
 
-    status: str
-    steps: int
-    task: str
-    attention: str
-    window: int
-    eval_len: int
-    pos_enc: str
-    vocab_size: int
-    data: str
-    n_params: int
-    best_step: Optional[int]
-    best_nll_1w: Optional[float]
-    final: object
-    wall_s: float
-    tokens_seen: int
-    world_size: int
-    out_dir: str
-    figures: dict
-    message: str = ""
-    stop_signal: Optional[str] = None
-    history: list = field(default_factory=list, repr=False)
-
-    def to_dict(self, with_history: bool = False) -> dict:
-        d = dataclasses.asdict(self)
-        if not with_history:
-            d.pop("history")
-        return d
+    task: str = ""
+    attention: str = ""
+    window: int = 0
+    eval_len: int = 0
+    pos_enc: str = ""
+    vocab_size: int = 0
+    data: str = ""
+    best_nll_1w: Optional[float] = None
 
     def __str__(self) -> str:
         lines = [

@@ -131,7 +131,7 @@ class TrainConfig(RunConfig):
 
 
 @dataclass
-class Summary:
+class Summary(RunResult):
     """What ``train`` returns (and writes, less ``history``, to ``summary.json``); ``print(summary)`` gives
     the few lines that matter.
 
@@ -141,31 +141,12 @@ class Summary:
     ``n_seqs``, ``gap_pct``, ``gap_se``, ``model_nll``, ``bayes_nll``, ``by_position``, ``by_visit_count``).
     """
 
-    status: str
-    steps: int
-    k: int
-    seq_len: int
-    n_params: int
-    target_gap_pct: float
-    gate_passed: bool
-    best_step: Optional[int]
-    best_gap_pct: Optional[float]
-    best_gap_se: Optional[float]
-    final: list
-    wall_s: float
-    tokens_seen: int
-    world_size: int
-    out_dir: str
-    figures: dict
-    message: str = ""
-    stop_signal: Optional[str] = None
-    history: list = field(default_factory=list, repr=False)
-
-    def to_dict(self, with_history: bool = False) -> dict:
-        d = dataclasses.asdict(self)
-        if not with_history:
-            d.pop("history")
-        return d
+    k: int = 0
+    seq_len: int = 0
+    target_gap_pct: float = 0.0
+    gate_passed: bool = False
+    best_gap_pct: Optional[float] = None
+    best_gap_se: Optional[float] = None
 
     def __str__(self) -> str:
         lines = [
@@ -307,26 +288,14 @@ class MarkovTask(Task):
         ]
 
     def summarize(self, run: Run, r: RunResult) -> Summary:
-        return Summary(
-            status=r.status,
-            steps=r.steps,
+        return Summary.extend(
+            r,
             k=self.cfg.k,
             seq_len=self.cfg.train_len,
-            n_params=r.n_params,
             target_gap_pct=self.cfg.target_gap_pct,
             gate_passed=gate_passed(r.final, self.cfg.target_gap_pct),
-            best_step=r.best_step,
             best_gap_pct=r.best.get("gap_pct"),
             best_gap_se=r.best.get("gap_se"),
-            final=r.final,
-            wall_s=r.wall_s,
-            tokens_seen=r.tokens_seen,
-            world_size=r.world_size,
-            out_dir=r.out_dir,
-            figures=dict(r.figures),
-            message=r.message,
-            stop_signal=r.stop_signal,
-            history=r.history,
         )
 
     def figures(self, run: Run, r: RunResult) -> dict:
