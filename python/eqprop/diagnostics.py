@@ -156,33 +156,9 @@ def homeostatic_loss(
     return _C.homeostatic_loss(as_field(f, x), z, _count("probes", probes), _seed(seed), float(weight), dist)
 
 
-from .gradients import (  # noqa: E402
-    Alignment,
-    Decomposition,
-    Influence,
-    LrSweep,
-    SelfCosine,
-    alignment,
-    decompose,
-    influence,
-    lr_sweep,
-    self_cosine,
-)
-from .model_stats import BranchStats, PerPositionCE, branch_stats, per_position_ce  # noqa: E402
+from . import gradients as _gradients  # noqa: E402
+from . import model_stats as _model_stats  # noqa: E402
+from .gradients import *  # noqa: E402,F403  (alignment, self_cosine, decompose, lr_sweep, influence, ...)
+from .model_stats import *  # noqa: E402,F403  (per_position_ce, branch_stats)
 
-__all__ += [
-    "Alignment",
-    "alignment",
-    "SelfCosine",
-    "self_cosine",
-    "Decomposition",
-    "decompose",
-    "LrSweep",
-    "lr_sweep",
-    "Influence",
-    "influence",
-    "PerPositionCE",
-    "per_position_ce",
-    "BranchStats",
-    "branch_stats",
-]
+__all__ += _gradients.__all__ + _model_stats.__all__
