@@ -62,10 +62,10 @@ void check_param(const char* name, const Tensor& p, at::IntArrayRef shape, const
 // sequence (O(n²) work), unbind's backward is one stack.
 struct MiniBatches {
   int64_t B, H, T, d, b, n;
-  std::vector<Tensor> Q, K, eta;  // [B·H, b, d], [B·H, b, d], [B·H, b]
-  std::vector<Tensor> c;          // (β − (v − k))·γ, [B·H, b, d]: the constant part of γ ⊙ ∂ℓ/∂LN
-  std::vector<Tensor> coef;       // tril(Q Kᵀ + 1) ⊙ η_s, [B·H, b, b]
-  Tensor gamma, gamma2, causal;   // γ, γ² [B·H, 1, d]; [b, b] bool (s ≤ t)
+  std::vector<Tensor> Q, K, eta;     // [B·H, b, d], [B·H, b, d], [B·H, b]
+  std::vector<Tensor> c;             // ((v − k) − β)·γ, [B·H, b, d]: the constant part of −γ ⊙ ∂ℓ/∂LN
+  std::vector<Tensor> coef;          // tril(Q Kᵀ + 1) ⊙ η_s, [B·H, b, b]
+  Tensor gamma, neg_gamma2, causal;  // γ, −γ² [B·H, 1, d]; [b, b] bool (s ≤ t)
 };
 
 // (tril(A + 1) ⊙ η_s): the coefficient of token s's gradient in token t's pre-activation, [..., b, b].
@@ -88,13 +88,13 @@ MiniBatches split(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   m.n = (m.T + m.b - 1) / m.b;
   const int64_t pad = m.n * m.b - m.T;
   m.gamma = per_head(ln_weight, m.B);  // [B·H, 1, d]
-  m.gamma2 = m.gamma * m.gamma;
+  m.neg_gamma2 = -(m.gamma * m.gamma);
   auto cut = [&](const Tensor& a) {  // [B, H, T, d] -> [B·H, n, b, d]
     return (pad ? at::constant_pad_nd(a, {0, 0, 0, pad}) : a).flatten(0, 1).unflatten(1, {m.n, m.b});
   };
   const Tensor Q = cut(q), K = cut(k);
   // f̃(k) = k + LN(f(k)) fits v  ⇔  LN(f(k))·γ + β fits v − k
-  const Tensor c = (per_head(ln_bias, m.B).unsqueeze(1) - cut(v - k)) * m.gamma.unsqueeze(1);
+  const Tensor c = (cut(v - k) - per_head(ln_bias, m.B).unsqueeze(1)) * m.gamma.unsqueeze(1);
   const Tensor E = (pad ? at::constant_pad_nd(eta, {0, pad}) : eta).flatten(0, 1).unflatten(1, {m.n, m.b});
   m.causal = at::ones({m.b, m.b}, q.options().dtype(at::kBool)).tril();
   const Tensor coef = dual_coefficients(at::matmul(Q, K.transpose(-1, -2)), E, m.causal);  // [B·H, n, b, b]
@@ -102,14 +102,16 @@ MiniBatches split(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   return m;
 }
 
-// ∂ℓ/∂z of ℓ = ½‖LN(z)·γ + β − target‖² (z [..., d]): with x̂ = (z − μ)·r, r = (σ² + ε)^(−1/2) and
-// g = γ ⊙ (x̂γ + β − target) = x̂γ² + c,   ∂ℓ/∂z = r·(g − mean(g) − x̂·mean(g ⊙ x̂)).
-Tensor ln_l2_grad(const Tensor& z, const Tensor& c, const Tensor& gamma2, double eps) {
+// The descent direction −∂ℓ/∂z of ℓ = ½‖LN(z)·γ + β − target‖² (z [..., d]): with x̂ = (z − μ)·r,
+// r = (σ² + ε)^(−1/2) and g = −γ ⊙ (x̂γ + β − target) = x̂·(−γ²) + c,
+//   −∂ℓ/∂z = r·(g − mean(g) − x̂·mean(g ⊙ x̂)).
+// (Carrying −∂ℓ/∂z makes every update an addition: no alpha = −1 in the matmuls' backward.)
+Tensor ln_l2_descent(const Tensor& z, const Tensor& c, const Tensor& neg_gamma2, double eps) {
   auto [var, mu] = at::var_mean(z, -1, /*correction=*/0, /*keepdim=*/true);
   Tensor r = at::rsqrt(var + eps);
   Tensor xh = (z - mu) * r;
-  Tensor g = at::addcmul(c, xh, gamma2);
-  return r * at::addcmul(g - g.mean(-1, true), xh, (g * xh).mean(-1, true), -1);
+  Tensor g = at::addcmul(c, xh, neg_gamma2);
+  return r * (g - at::addcmul(g.mean(-1, true), xh, (g * xh).mean(-1, true)));
 }
 
 // The outputs z_t = q_t + LN(Ẑ_t)·γ + β from the per-mini-batch pre-activations Ẑ (n × [B·H, b, d]).
@@ -137,13 +139,14 @@ Tensor ttt_linear(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   std::vector<Tensor> zq;
   zq.reserve(m.n);
   for (int64_t i = 0; i < m.n; ++i) {
-    const Tensor G = ln_l2_grad(at::baddbmm(bc, m.K[i], Wc), m.c[i], m.gamma2, eps);  // ∂ℓ/∂Z, [B·H, b, d]
+    const Tensor D =
+        ln_l2_descent(at::baddbmm(bc, m.K[i], Wc), m.c[i], m.neg_gamma2, eps);  // −G, [B·H, b, d]
     // Ẑ = Q W_p + b_p − (tril(Q Kᵀ + 1) ⊙ η) G
-    zq.push_back(at::baddbmm(at::baddbmm(bc, m.Q[i], Wc), m.coef[i], G, 1, -1));
+    zq.push_back(at::baddbmm(at::baddbmm(bc, m.Q[i], Wc), m.coef[i], D));
     if (i + 1 < m.n) {
-      const Tensor eG = G * m.eta[i].unsqueeze(-1);  // η_s G_s
-      Wc = at::baddbmm(Wc, m.K[i].transpose(-1, -2), eG, 1, -1);
-      bc = bc - eG.sum(-2, true);
+      const Tensor eD = D * m.eta[i].unsqueeze(-1);  // −η_s G_s
+      Wc = at::baddbmm(Wc, m.K[i].transpose(-1, -2), eD);
+      bc = bc + eD.sum(-2, true);
     }
   }
   return finish(m, zq, q, ln_weight, ln_bias, eps);
@@ -174,19 +177,19 @@ Tensor ttt_mlp(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
     // the inner model on the keys at θ_p, and its gradients (one row per token)
     const Tensor Z1 = at::baddbmm(b1c, m.K[i], W1c);  // [B·H, b, h]
     const Tensor X2 = at::gelu(Z1, "tanh");
-    const Tensor G2 = ln_l2_grad(at::baddbmm(b2c, X2, W2c), m.c[i], m.gamma2, eps);       // [B·H, b, d]
-    const Tensor G1 = at::gelu_backward(at::bmm(G2, W2c.transpose(-1, -2)), Z1, "tanh");  // [B·H, b, h]
+    const Tensor D2 = ln_l2_descent(at::baddbmm(b2c, X2, W2c), m.c[i], m.neg_gamma2, eps);  // [B·H, b, d]
+    const Tensor D1 = at::gelu_backward(at::bmm(D2, W2c.transpose(-1, -2)), Z1, "tanh");    // [B·H, b, h]
     // the queries under θ_t, layer by layer (dual form of each layer's update)
-    const Tensor Xq2 = at::gelu(at::baddbmm(at::baddbmm(b1c, m.Q[i], W1c), m.coef[i], G1, 1, -1), "tanh");
+    const Tensor Xq2 = at::gelu(at::baddbmm(at::baddbmm(b1c, m.Q[i], W1c), m.coef[i], D1), "tanh");
     const Tensor coef2 = dual_coefficients(at::bmm(Xq2, X2.transpose(-1, -2)), m.eta[i], m.causal);
-    zq.push_back(at::baddbmm(at::baddbmm(b2c, Xq2, W2c), coef2, G2, 1, -1));
+    zq.push_back(at::baddbmm(at::baddbmm(b2c, Xq2, W2c), coef2, D2));
     if (i + 1 < m.n) {
       const Tensor e = m.eta[i].unsqueeze(-1);
-      const Tensor eG1 = G1 * e, eG2 = G2 * e;
-      W1c = at::baddbmm(W1c, m.K[i].transpose(-1, -2), eG1, 1, -1);
-      b1c = b1c - eG1.sum(-2, true);
-      W2c = at::baddbmm(W2c, X2.transpose(-1, -2), eG2, 1, -1);
-      b2c = b2c - eG2.sum(-2, true);
+      const Tensor eD1 = D1 * e, eD2 = D2 * e;
+      W1c = at::baddbmm(W1c, m.K[i].transpose(-1, -2), eD1);
+      b1c = b1c + eD1.sum(-2, true);
+      W2c = at::baddbmm(W2c, X2.transpose(-1, -2), eD2);
+      b2c = b2c + eD2.sum(-2, true);
     }
   }
   return finish(m, zq, q, ln_weight, ln_bias, eps);
