@@ -9,7 +9,8 @@
 // a masked b×b matmul instead of b materialized weights; the weights are written once per
 // mini-batch, W_next = W_p − Kᵀ (η ⊙ G), b_next = b_p − Σ_s η_s G_s. The MLP applies the same
 // identity per layer: layer 1 with inputs K, Q and gradient G1; layer 2 with inputs X2 = gelu(Z1)
-// (keys, at θ_p) and X̂2 = gelu(Ẑ1) (queries, at θ_t) and gradient G2.
+// (keys, at θ_p) and X̂2 = gelu(Ẑ1) (queries, at θ_t) and gradient G2. The code carries the descent
+// direction D = −G, so that every update above is an addition.
 #include "ttt/ttt.h"
 
 #include <ATen/ATen.h>
