@@ -63,15 +63,26 @@ void check_param(const char* name, const Tensor& p, at::IntArrayRef shape, const
 // sequence (O(n²) work), unbind's backward is one stack.
 struct MiniBatches {
   int64_t B, H, T, d, b, n;
-  std::vector<Tensor> Q, K, eta;     // [B·H, b, d], [B·H, b, d], [B·H, b]
+  std::vector<Tensor> Q, K, eta;     // [q, 1], [k, 1]: [B·H, b, d + 1]; η [B·H, b]
   std::vector<Tensor> c;             // ((v − k) − β)·γ, [B·H, b, d]: the constant part of −γ ⊙ ∂ℓ/∂LN
-  std::vector<Tensor> coef;          // tril(Q Kᵀ + 1) ⊙ η_s, [B·H, b, b]
+  std::vector<Tensor> coef;          // tril([Q, 1][K, 1]ᵀ) ⊙ η_s = tril(Q Kᵀ + 1) ⊙ η_s, [B·H, b, b]
   Tensor gamma, neg_gamma2, causal;  // γ, −γ² [B·H, 1, d]; [b, b] bool (s ≤ t)
 };
 
-// (tril(A + 1) ⊙ η_s): the coefficient of token s's gradient in token t's pre-activation, [..., b, b].
+// tril(A) ⊙ η_s with A = [Q, 1][K, 1]ᵀ = Q Kᵀ + 1: the coefficient of token s's gradient in token t's
+// pre-activation, [..., b, b].
 Tensor dual_coefficients(const Tensor& A, const Tensor& eta, const Tensor& causal) {
-  return (A + 1).mul(eta.unsqueeze(-2)).masked_fill(causal.logical_not(), 0);
+  return A.mul(eta.unsqueeze(-2)).masked_fill(causal.logical_not(), 0);
+}
+
+// [a, 1]: inputs with a ones column, so that a layer u W + b is [u, 1] [W; b] (one matmul, and one
+// update [W; b] += [k, 1]ᵀ(η ⊙ D) for weight and bias together).
+Tensor with_ones(const Tensor& a) { return at::cat({a, at::ones_like(a.narrow(-1, 0, 1))}, -1); }
+
+// [W; b]: [H, d_in, d_out] and [H, d_out] -> [B·H, d_in + 1, d_out], shared by the B samples.
+Tensor stacked_weights(const Tensor& W, const Tensor& b, int64_t B) {
+  Tensor Wb = at::cat({W, b.unsqueeze(1)}, 1);
+  return Wb.unsqueeze(0).expand({B, Wb.size(0), Wb.size(1), Wb.size(2)}).flatten(0, 1);
 }
 
 // A per-head [H, ...] tensor broadcast to the flattened [B·H, 1, ...] layout.
@@ -93,7 +104,7 @@ MiniBatches split(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   auto cut = [&](const Tensor& a) {  // [B, H, T, d] -> [B·H, n, b, d]
     return (pad ? at::constant_pad_nd(a, {0, 0, 0, pad}) : a).flatten(0, 1).unflatten(1, {m.n, m.b});
   };
-  const Tensor Q = cut(q), K = cut(k);
+  const Tensor Q = with_ones(cut(q)), K = with_ones(cut(k));  // [B·H, n, b, d + 1]
   // f̃(k) = k + LN(f(k)) fits v  ⇔  LN(f(k))·γ + β fits v − k
   const Tensor c = (cut(v - k) - per_head(ln_bias, m.B).unsqueeze(1)) * m.gamma.unsqueeze(1);
   const Tensor E = (pad ? at::constant_pad_nd(eta, {0, pad}) : eta).flatten(0, 1).unflatten(1, {m.n, m.b});
@@ -135,20 +146,15 @@ Tensor ttt_linear(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   check_param("ln_bias", ln_bias, {H, d}, q);
   if (q.size(2) == 0) return q.clone();
   const MiniBatches m = split(q, k, v, eta, ln_weight, ln_bias, mini_batch);
-  Tensor Wc = W.unsqueeze(0).expand({m.B, H, d, d}).flatten(0, 1);  // θ_p, [B·H, d, d]
-  Tensor bc = per_head(b, m.B);                                     // [B·H, 1, d]
+  Tensor Wb = stacked_weights(W, b, m.B);  // θ_p = [W_p; b_p], [B·H, d + 1, d]
   std::vector<Tensor> zq;
   zq.reserve(m.n);
   for (int64_t i = 0; i < m.n; ++i) {
-    const Tensor D =
-        ln_l2_descent(at::baddbmm(bc, m.K[i], Wc), m.c[i], m.neg_gamma2, eps);  // −G, [B·H, b, d]
+    const Tensor D = ln_l2_descent(at::bmm(m.K[i], Wb), m.c[i], m.neg_gamma2, eps);  // −G, [B·H, b, d]
     // Ẑ = Q W_p + b_p − (tril(Q Kᵀ + 1) ⊙ η) G
-    zq.push_back(at::baddbmm(at::baddbmm(bc, m.Q[i], Wc), m.coef[i], D));
-    if (i + 1 < m.n) {
-      const Tensor eD = D * m.eta[i].unsqueeze(-1);  // −η_s G_s
-      Wc = at::baddbmm(Wc, m.K[i].transpose(-1, -2), eD);
-      bc = bc + eD.sum(-2, true);
-    }
+    zq.push_back(at::baddbmm(at::bmm(m.Q[i], Wb), m.coef[i], D));
+    // [W; b] ← [W_p; b_p] − [K, 1]ᵀ (η ⊙ G)
+    if (i + 1 < m.n) Wb = at::baddbmm(Wb, m.K[i].transpose(-1, -2), D * m.eta[i].unsqueeze(-1));
   }
   return finish(m, zq, q, ln_weight, ln_bias, eps);
 }
@@ -169,26 +175,25 @@ Tensor ttt_mlp(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   check_param("ln_bias", ln_bias, {H, d}, q);
   if (q.size(2) == 0) return q.clone();
   const MiniBatches m = split(q, k, v, eta, ln_weight, ln_bias, mini_batch);
-  Tensor W1c = W1.unsqueeze(0).expand({m.B, H, d, h}).flatten(0, 1);  // [B·H, d, h]
+  Tensor W1b = stacked_weights(W1, b1, m.B);                          // [W1; b1], [B·H, d + 1, h]
   Tensor W2c = W2.unsqueeze(0).expand({m.B, H, h, d}).flatten(0, 1);  // [B·H, h, d]
-  Tensor b1c = per_head(b1, m.B), b2c = per_head(b2, m.B);            // [B·H, 1, h], [B·H, 1, d]
+  Tensor b2c = per_head(b2, m.B);                                     // [B·H, 1, d]
   std::vector<Tensor> zq;
   zq.reserve(m.n);
   for (int64_t i = 0; i < m.n; ++i) {
     // the inner model on the keys at θ_p, and its gradients (one row per token)
-    const Tensor Z1 = at::baddbmm(b1c, m.K[i], W1c);  // [B·H, b, h]
+    const Tensor Z1 = at::bmm(m.K[i], W1b);  // [B·H, b, h]
     const Tensor X2 = at::gelu(Z1, "tanh");
     const Tensor D2 = ln_l2_descent(at::baddbmm(b2c, X2, W2c), m.c[i], m.neg_gamma2, eps);  // [B·H, b, d]
     const Tensor D1 = at::gelu_backward(at::bmm(D2, W2c.transpose(-1, -2)), Z1, "tanh");    // [B·H, b, h]
     // the queries under θ_t, layer by layer (dual form of each layer's update)
-    const Tensor Xq2 = at::gelu(at::baddbmm(at::baddbmm(b1c, m.Q[i], W1c), m.coef[i], D1), "tanh");
-    const Tensor coef2 = dual_coefficients(at::bmm(Xq2, X2.transpose(-1, -2)), m.eta[i], m.causal);
+    const Tensor Xq2 = at::gelu(at::baddbmm(at::bmm(m.Q[i], W1b), m.coef[i], D1), "tanh");
+    const Tensor coef2 = dual_coefficients(at::bmm(Xq2, X2.transpose(-1, -2)) + 1, m.eta[i], m.causal);
     zq.push_back(at::baddbmm(at::baddbmm(b2c, Xq2, W2c), coef2, D2));
     if (i + 1 < m.n) {
       const Tensor e = m.eta[i].unsqueeze(-1);
       const Tensor eD1 = D1 * e, eD2 = D2 * e;
-      W1c = at::baddbmm(W1c, m.K[i].transpose(-1, -2), eD1);
-      b1c = b1c + eD1.sum(-2, true);
+      W1b = at::baddbmm(W1b, m.K[i].transpose(-1, -2), eD1);
       W2c = at::baddbmm(W2c, X2.transpose(-1, -2), eD2);
       b2c = b2c + eD2.sum(-2, true);
     }
