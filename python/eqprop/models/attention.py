@@ -131,6 +131,17 @@ def _block_mask(T: int, window: int, device: str):
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
 
 
+@functools.lru_cache(maxsize=32)
+def _alibi_score_mod(slopes: tuple, device: str):
+    """ALiBi as a flex score_mod, one function object per slope set, so the compiled kernel is reused."""
+    table = torch.tensor(slopes, dtype=torch.float32, device=device)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score - table[h] * (q_idx - kv_idx)
+
+    return score_mod
+
+
 def _flex_ok(q) -> bool:
     d = q.shape[-1]
     return (
@@ -147,11 +158,7 @@ def _flex_attention(q, k, v, window, scale, slopes):
     block_mask = _block_mask(T, window, str(q.device))
     score_mod = None
     if slopes is not None:
-        slopes = slopes.to(device=q.device, dtype=torch.float32)
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score - slopes[h] * (q_idx - kv_idx)
-
+        score_mod = _alibi_score_mod(tuple(slopes.tolist()), str(q.device))
     return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 
