@@ -114,16 +114,16 @@ MiniBatches split(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   return m;
 }
 
-// The descent direction −∂ℓ/∂z of ℓ = ½‖LN(z)·γ + β − target‖² (z [..., d]): with x̂ = (z − μ)·r,
-// r = (σ² + ε)^(−1/2) and g = −γ ⊙ (x̂γ + β − target) = x̂·(−γ²) + c,
-//   −∂ℓ/∂z = r·(g − mean(g) − x̂·mean(g ⊙ x̂)).
-// (Carrying −∂ℓ/∂z makes every update an addition: no alpha = −1 in the matmuls' backward.)
+// The descent direction −∂ℓ/∂z of ℓ = ½‖LN(z)·γ + β − target‖² (z [..., d]): with x̂ = LN(z) (no affine)
+// and g = −∂ℓ/∂x̂ = −γ ⊙ (x̂γ + β − target) = x̂·(−γ²) + c, it is LayerNorm's own backward applied to g,
+//   −∂ℓ/∂z = r·(g − mean(g) − x̂·mean(g ⊙ x̂)),   r = (σ² + ε)^(−1/2),
+// one fused kernel (native_layer_norm_backward, whose derivative autograd has: layer norm's double
+// backward) instead of a dozen small ops per step. Carrying −∂ℓ/∂z makes every update an addition.
 Tensor ln_l2_descent(const Tensor& z, const Tensor& c, const Tensor& neg_gamma2, double eps) {
-  auto [var, mu] = at::var_mean(z, -1, /*correction=*/0, /*keepdim=*/true);
-  Tensor r = at::rsqrt(var + eps);
-  Tensor xh = (z - mu) * r;
-  Tensor g = at::addcmul(c, xh, neg_gamma2);
-  return r * (g - at::addcmul(g.mean(-1, true), xh, (g * xh).mean(-1, true)));
+  const int64_t d = z.size(-1);
+  auto [xh, mean, rstd] = at::native_layer_norm(z, {d}, {}, {}, eps);
+  const Tensor g = at::addcmul(c, xh, neg_gamma2);
+  return std::get<0>(at::native_layer_norm_backward(g, z, {d}, mean, rstd, {}, {}, {true, false, false}));
 }
 
 // The outputs z_t = q_t + LN(Ẑ_t)·γ + β from the per-mini-batch pre-activations Ẑ (n × [B·H, b, d]).
