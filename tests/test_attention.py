@@ -183,3 +183,16 @@ def test_transformer_attention_options_are_checked():
     m = Transformer(2, n_head=2, d_model=16, attention="sliding", window=8)
     assert m.config["attention"] == "sliding" and m.config["window"] == 8
     assert Transformer(**m.config).config == m.config
+
+
+@pytest.mark.parametrize("pos_enc", ["rope", "alibi"])
+def test_sliding_transformer_under_bf16_autocast(pos_enc):
+    torch.manual_seed(0)
+    model = Transformer(2, n_layer=2, n_head=2, d_model=32, pos_enc=pos_enc, attention="sliding", window=8).eval()
+    x = markov.sample(4, 1, seq_len=40, seed=0)
+    with torch.no_grad():
+        ref = model.token_nll(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.token_nll(x)
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() < 0.02  # the bound test_models uses for full attention

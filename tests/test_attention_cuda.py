@@ -66,6 +66,7 @@ def test_auto_uses_flex_for_bf16():
         flex = sliding_window_attention(q, k, v, 128, impl="flex")
         ref = sliding_window_attention(q.double(), k.double(), v.double(), 128, impl="dense")
     assert torch.equal(auto, flex)
-    torch.testing.assert_close(
-        auto.double(), ref, rtol=0, atol=tol(torch.bfloat16, n=8, scale=v.abs().max(), factor=4.0)
-    )
+    # the oracle sees the same bf16-rounded inputs; the kernel accumulates in float32 and rounds the
+    # probabilities and the output to bf16: ≈ 2 bf16 roundings of a convex combination of v
+    bound = tol(torch.bfloat16, n=2, scale=v.abs().max())
+    torch.testing.assert_close(auto.double(), ref, rtol=0, atol=bound)

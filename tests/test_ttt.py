@@ -93,6 +93,12 @@ def test_gradcheck_through_the_cpp_op(kind):
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def test_opcheck():
+    """Schema, autograd registration, fake tensors and AOT dispatch (torch.compile) of the registered op."""
+    args = _problem("linear", B=1, H=2, T=7, d=4)
+    torch.library.opcheck(torch.ops.eqprop.ttt_linear, (*args, 3, EPS))
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_float32_matches_the_float64_primal(kind):
     args = _problem(kind, T=40, d=8, h=16, seed=4)

@@ -9,7 +9,8 @@
 // a masked b×b matmul instead of b materialized weights; the weights are written once per
 // mini-batch, W_next = W_p − Kᵀ (η ⊙ G), b_next = b_p − Σ_s η_s G_s. The MLP applies the same
 // identity per layer: layer 1 with inputs K, Q and gradient G1; layer 2 with inputs X2 = gelu(Z1)
-// (keys, at θ_p) and X̂2 = gelu(Ẑ1) (queries, at θ_t) and gradient G2.
+// (keys, at θ_p) and X̂2 = gelu(Ẑ1) (queries, at θ_t) and gradient G2. The code carries the descent
+// direction D = −G, so that every update above is an addition.
 #include "ttt/ttt.h"
 
 #include <ATen/ATen.h>
@@ -55,54 +56,81 @@ void check_param(const char* name, const Tensor& p, at::IntArrayRef shape, const
                     p.device());
 }
 
-// The sequence cut into n mini-batches of b tokens, [B, H, T, ...] -> [B, H, n, b, ...]. The last one is
-// padded with zeros; padded tokens get η = 0 (they add nothing to any update) and their outputs are dropped.
+// The sequence cut into n mini-batches of b tokens, with batch and heads flattened into one batch axis
+// of size B·H for bmm: [B, H, T, d] -> n × [B·H, b, d]. The last mini-batch is padded with zeros; padded
+// tokens get η = 0 (they add nothing to any update) and their outputs are dropped. Each sequence is
+// unbound once: a select per step would give each step's backward a zero-filled gradient of the whole
+// sequence (O(n²) work), unbind's backward is one stack.
 struct MiniBatches {
-  int64_t T, b, n;
-  Tensor Q, K, target, eta, causal;  // [B, H, n, b, d] ×3, [B, H, n, b], [b, b] bool (s ≤ t)
+  int64_t B, H, T, d, b, n;
+  std::vector<Tensor> Q, K, eta;     // [q, 1], [k, 1]: [B·H, b, d + 1]; η [B·H, b]
+  std::vector<Tensor> c;             // ((v − k) − β)·γ, [B·H, b, d]: the constant part of −γ ⊙ ∂ℓ/∂LN
+  std::vector<Tensor> coef;          // tril([Q, 1][K, 1]ᵀ) ⊙ η_s = tril(Q Kᵀ + 1) ⊙ η_s, [B·H, b, b]
+  Tensor gamma, neg_gamma2, causal;  // γ, −γ² [B·H, 1, d]; [b, b] bool (s ≤ t)
 };
 
-MiniBatches split(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& eta, int64_t mini_batch) {
+// tril(A) ⊙ η_s with A = [Q, 1][K, 1]ᵀ = Q Kᵀ + 1: the coefficient of token s's gradient in token t's
+// pre-activation, [..., b, b].
+Tensor dual_coefficients(const Tensor& A, const Tensor& eta, const Tensor& causal) {
+  return A.mul(eta.unsqueeze(-2)).masked_fill(causal.logical_not(), 0);
+}
+
+// [a, 1]: inputs with a ones column, so that a layer u W + b is [u, 1] [W; b] (one matmul, and one
+// update [W; b] += [k, 1]ᵀ(η ⊙ D) for weight and bias together).
+Tensor with_ones(const Tensor& a) { return at::cat({a, at::ones_like(a.narrow(-1, 0, 1))}, -1); }
+
+// [W; b]: [H, d_in, d_out] and [H, d_out] -> [B·H, d_in + 1, d_out], shared by the B samples.
+Tensor stacked_weights(const Tensor& W, const Tensor& b, int64_t B) {
+  Tensor Wb = at::cat({W, b.unsqueeze(1)}, 1);
+  return Wb.unsqueeze(0).expand({B, Wb.size(0), Wb.size(1), Wb.size(2)}).flatten(0, 1);
+}
+
+// A per-head [H, ...] tensor broadcast to the flattened [B·H, 1, ...] layout.
+Tensor per_head(const Tensor& p, int64_t B) {
+  auto sizes = p.sizes().vec();
+  sizes.insert(sizes.begin(), B);
+  return p.unsqueeze(0).expand(sizes).flatten(0, 1).unsqueeze(1);
+}
+
+MiniBatches split(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& eta,
+                  const Tensor& ln_weight, const Tensor& ln_bias, int64_t mini_batch) {
   MiniBatches m;
-  m.T = q.size(2);
-  m.b = std::min(mini_batch, std::max<int64_t>(m.T, 1));
+  m.B = q.size(0), m.H = q.size(1), m.T = q.size(2), m.d = q.size(3);
+  m.b = std::min(mini_batch, m.T);
   m.n = (m.T + m.b - 1) / m.b;
   const int64_t pad = m.n * m.b - m.T;
-  auto cut = [&](const Tensor& a) {
-    return (pad ? at::constant_pad_nd(a, {0, 0, 0, pad}) : a).unflatten(2, {m.n, m.b});
+  m.gamma = per_head(ln_weight, m.B);  // [B·H, 1, d]
+  m.neg_gamma2 = -(m.gamma * m.gamma);
+  auto cut = [&](const Tensor& a) {  // [B, H, T, d] -> [B·H, n, b, d]
+    return (pad ? at::constant_pad_nd(a, {0, 0, 0, pad}) : a).flatten(0, 1).unflatten(1, {m.n, m.b});
   };
-  m.Q = cut(q);
-  m.K = cut(k);
-  m.target = cut(v - k);  // f̃(k) = k + LN(f(k)) fits v  ⇔  LN(f(k)) fits v − k
-  m.eta = (pad ? at::constant_pad_nd(eta, {0, pad}) : eta).unflatten(2, {m.n, m.b});
+  const Tensor Q = with_ones(cut(q)), K = with_ones(cut(k));  // [B·H, n, b, d + 1]
+  // f̃(k) = k + LN(f(k)) fits v  ⇔  LN(f(k))·γ + β fits v − k
+  const Tensor c = (cut(v - k) - per_head(ln_bias, m.B).unsqueeze(1)) * m.gamma.unsqueeze(1);
+  const Tensor E = (pad ? at::constant_pad_nd(eta, {0, pad}) : eta).flatten(0, 1).unflatten(1, {m.n, m.b});
   m.causal = at::ones({m.b, m.b}, q.options().dtype(at::kBool)).tril();
+  const Tensor coef = dual_coefficients(at::matmul(Q, K.transpose(-1, -2)), E, m.causal);  // [B·H, n, b, b]
+  m.Q = Q.unbind(1), m.K = K.unbind(1), m.c = c.unbind(1), m.eta = E.unbind(1), m.coef = coef.unbind(1);
   return m;
 }
 
-// (tril(A + 1) ⊙ η_s): the coefficient of token s's gradient in token t's pre-activation, [..., b, b].
-Tensor dual_coefficients(const Tensor& A, const Tensor& eta, const Tensor& causal) {
-  return (A + 1).mul(eta.unsqueeze(-2)).masked_fill(causal.logical_not(), 0);
+// The descent direction −∂ℓ/∂z of ℓ = ½‖LN(z)·γ + β − target‖² (z [..., d]): with x̂ = LN(z) (no affine)
+// and g = −∂ℓ/∂x̂ = −γ ⊙ (x̂γ + β − target) = x̂·(−γ²) + c, it is LayerNorm's own backward applied to g,
+//   −∂ℓ/∂z = r·(g − mean(g) − x̂·mean(g ⊙ x̂)),   r = (σ² + ε)^(−1/2),
+// one fused kernel (native_layer_norm_backward, whose derivative autograd has: layer norm's double
+// backward) instead of a dozen small ops per step. Carrying −∂ℓ/∂z makes every update an addition.
+Tensor ln_l2_descent(const Tensor& z, const Tensor& c, const Tensor& neg_gamma2, double eps) {
+  const int64_t d = z.size(-1);
+  auto [xh, mean, rstd] = at::native_layer_norm(z, {d}, {}, {}, eps);
+  const Tensor g = at::addcmul(c, xh, neg_gamma2);
+  return std::get<0>(at::native_layer_norm_backward(g, z, {d}, mean, rstd, {}, {}, {true, false, false}));
 }
 
-// Per-head LayerNorm over the last dim: (z − μ)/√(σ² + ε) · γ + β, γ, β [H, 1, d].
-Tensor layer_norm_heads(const Tensor& z, const Tensor& gamma, const Tensor& beta, double eps) {
-  return at::layer_norm(z, {z.size(-1)}, {}, {}, eps) * gamma + beta;
-}
-
-// ∂ℓ/∂z of ℓ = ½‖LN(z)·γ + β − target‖² (z [..., d]): with x̂ = (z − μ)·r, r = (σ² + ε)^(−1/2),
-// e = x̂γ + β − target and g = γ ⊙ e,   ∂ℓ/∂z = r·(g − mean(g) − x̂·mean(g ⊙ x̂)).
-Tensor ln_l2_grad(const Tensor& z, const Tensor& target, const Tensor& gamma, const Tensor& beta,
-                  double eps) {
-  Tensor zc = z - z.mean(-1, true);
-  Tensor r = at::rsqrt((zc * zc).mean(-1, true) + eps);
-  Tensor xh = zc * r;
-  Tensor g = (xh * gamma + beta - target) * gamma;
-  return r * (g - g.mean(-1, true) - xh * (g * xh).mean(-1, true));
-}
-
-// [B, H, n, b, d] rows of every mini-batch, joined back into [B, H, T, d].
-Tensor join(const std::vector<Tensor>& per_batch, int64_t T) {
-  return at::stack(per_batch, 2).flatten(2, 3).narrow(2, 0, T);
+// The outputs z_t = q_t + LN(Ẑ_t)·γ + β from the per-mini-batch pre-activations Ẑ (n × [B·H, b, d]).
+Tensor finish(const MiniBatches& m, const std::vector<Tensor>& zq, const Tensor& q, const Tensor& ln_weight,
+              const Tensor& ln_bias, double eps) {
+  Tensor z = at::stack(zq, 1).view({m.B, m.H, m.n * m.b, m.d}).narrow(2, 0, m.T);
+  return q + at::layer_norm(z, {m.d}, {}, {}, eps) * ln_weight.unsqueeze(1) + ln_bias.unsqueeze(1);
 }
 
 }  // namespace
@@ -111,39 +139,31 @@ Tensor ttt_linear(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
                   const Tensor& b, const Tensor& ln_weight, const Tensor& ln_bias, int64_t mini_batch,
                   double eps) {
   check_inputs(q, k, v, eta, mini_batch, eps);
-  const int64_t B = q.size(0), H = q.size(1), d = q.size(3);
+  const int64_t H = q.size(1), d = q.size(3);
   check_param("W", W, {H, d, d}, q);
   check_param("b", b, {H, d}, q);
   check_param("ln_weight", ln_weight, {H, d}, q);
   check_param("ln_bias", ln_bias, {H, d}, q);
   if (q.size(2) == 0) return q.clone();
-  const MiniBatches m = split(q, k, v, eta, mini_batch);
-  const Tensor gamma = ln_weight.unsqueeze(1), beta = ln_bias.unsqueeze(1);  // [H, 1, d]
-  const Tensor coef =
-      dual_coefficients(at::matmul(m.Q, m.K.transpose(-1, -2)), m.eta, m.causal);  // [B, H, n, b, b]
-
-  Tensor Wc = W.unsqueeze(0).expand({B, H, d, d});
-  Tensor bc = b.unsqueeze(0).unsqueeze(2).expand({B, H, 1, d});
+  const MiniBatches m = split(q, k, v, eta, ln_weight, ln_bias, mini_batch);
+  Tensor Wb = stacked_weights(W, b, m.B);  // θ_p = [W_p; b_p], [B·H, d + 1, d]
   std::vector<Tensor> zq;
   zq.reserve(m.n);
   for (int64_t i = 0; i < m.n; ++i) {
-    const Tensor Ki = m.K.select(2, i), Qi = m.Q.select(2, i);  // [B, H, b, d]
-    const Tensor G = ln_l2_grad(at::matmul(Ki, Wc) + bc, m.target.select(2, i), gamma, beta, eps);
-    zq.push_back(at::matmul(Qi, Wc) + bc - at::matmul(coef.select(2, i), G));
-    if (i + 1 < m.n) {
-      const Tensor eG = G * m.eta.select(2, i).unsqueeze(-1);  // η_s G_s
-      Wc = Wc - at::matmul(Ki.transpose(-1, -2), eG);
-      bc = bc - eG.sum(-2, true);
-    }
+    const Tensor D = ln_l2_descent(at::bmm(m.K[i], Wb), m.c[i], m.neg_gamma2, eps);  // −G, [B·H, b, d]
+    // Ẑ = Q W_p + b_p − (tril(Q Kᵀ + 1) ⊙ η) G
+    zq.push_back(at::baddbmm(at::bmm(m.Q[i], Wb), m.coef[i], D));
+    // [W; b] ← [W_p; b_p] − [K, 1]ᵀ (η ⊙ G)
+    if (i + 1 < m.n) Wb = at::baddbmm(Wb, m.K[i].transpose(-1, -2), D * m.eta[i].unsqueeze(-1));
   }
-  return q + layer_norm_heads(join(zq, m.T), gamma, beta, eps);
+  return finish(m, zq, q, ln_weight, ln_bias, eps);
 }
 
 Tensor ttt_mlp(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& eta, const Tensor& W1,
                const Tensor& b1, const Tensor& W2, const Tensor& b2, const Tensor& ln_weight,
                const Tensor& ln_bias, int64_t mini_batch, double eps) {
   check_inputs(q, k, v, eta, mini_batch, eps);
-  const int64_t B = q.size(0), H = q.size(1), d = q.size(3);
+  const int64_t H = q.size(1), d = q.size(3);
   TORCH_CHECK_VALUE(W1.defined() && W1.dim() == 3 && W1.size(2) >= 1, "W1 must be [H, d, h] = [", H, ", ", d,
                     ", h], got ", shape_of(W1));
   const int64_t h = W1.size(2);
@@ -154,36 +174,31 @@ Tensor ttt_mlp(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   check_param("ln_weight", ln_weight, {H, d}, q);
   check_param("ln_bias", ln_bias, {H, d}, q);
   if (q.size(2) == 0) return q.clone();
-  const MiniBatches m = split(q, k, v, eta, mini_batch);
-  const Tensor gamma = ln_weight.unsqueeze(1), beta = ln_bias.unsqueeze(1);
-  const Tensor coef1 = dual_coefficients(at::matmul(m.Q, m.K.transpose(-1, -2)), m.eta, m.causal);
-
-  Tensor W1c = W1.unsqueeze(0).expand({B, H, d, h}), W2c = W2.unsqueeze(0).expand({B, H, h, d});
-  Tensor b1c = b1.unsqueeze(0).unsqueeze(2).expand({B, H, 1, h});
-  Tensor b2c = b2.unsqueeze(0).unsqueeze(2).expand({B, H, 1, d});
+  const MiniBatches m = split(q, k, v, eta, ln_weight, ln_bias, mini_batch);
+  Tensor W1b = stacked_weights(W1, b1, m.B);                          // [W1; b1], [B·H, d + 1, h]
+  Tensor W2c = W2.unsqueeze(0).expand({m.B, H, h, d}).flatten(0, 1);  // [B·H, h, d]
+  Tensor b2c = per_head(b2, m.B);                                     // [B·H, 1, d]
   std::vector<Tensor> zq;
   zq.reserve(m.n);
   for (int64_t i = 0; i < m.n; ++i) {
-    const Tensor Ki = m.K.select(2, i), Qi = m.Q.select(2, i), eta_i = m.eta.select(2, i);
     // the inner model on the keys at θ_p, and its gradients (one row per token)
-    const Tensor Z1 = at::matmul(Ki, W1c) + b1c;  // [B, H, b, h]
+    const Tensor Z1 = at::bmm(m.K[i], W1b);  // [B·H, b, h]
     const Tensor X2 = at::gelu(Z1, "tanh");
-    const Tensor G2 = ln_l2_grad(at::matmul(X2, W2c) + b2c, m.target.select(2, i), gamma, beta, eps);
-    const Tensor G1 = at::gelu_backward(at::matmul(G2, W2c.transpose(-1, -2)), Z1, "tanh");  // [B, H, b, h]
+    const Tensor D2 = ln_l2_descent(at::baddbmm(b2c, X2, W2c), m.c[i], m.neg_gamma2, eps);  // [B·H, b, d]
+    const Tensor D1 = at::gelu_backward(at::bmm(D2, W2c.transpose(-1, -2)), Z1, "tanh");    // [B·H, b, h]
     // the queries under θ_t, layer by layer (dual form of each layer's update)
-    const Tensor Xq2 = at::gelu(at::matmul(Qi, W1c) + b1c - at::matmul(coef1.select(2, i), G1), "tanh");
-    const Tensor coef2 = dual_coefficients(at::matmul(Xq2, X2.transpose(-1, -2)), eta_i, m.causal);
-    zq.push_back(at::matmul(Xq2, W2c) + b2c - at::matmul(coef2, G2));
+    const Tensor Xq2 = at::gelu(at::baddbmm(at::bmm(m.Q[i], W1b), m.coef[i], D1), "tanh");
+    const Tensor coef2 = dual_coefficients(at::bmm(Xq2, X2.transpose(-1, -2)) + 1, m.eta[i], m.causal);
+    zq.push_back(at::baddbmm(at::baddbmm(b2c, Xq2, W2c), coef2, D2));
     if (i + 1 < m.n) {
-      const Tensor e = eta_i.unsqueeze(-1);
-      const Tensor eG1 = G1 * e, eG2 = G2 * e;
-      W1c = W1c - at::matmul(Ki.transpose(-1, -2), eG1);
-      b1c = b1c - eG1.sum(-2, true);
-      W2c = W2c - at::matmul(X2.transpose(-1, -2), eG2);
-      b2c = b2c - eG2.sum(-2, true);
+      const Tensor e = m.eta[i].unsqueeze(-1);
+      const Tensor eD1 = D1 * e, eD2 = D2 * e;
+      W1b = at::baddbmm(W1b, m.K[i].transpose(-1, -2), eD1);
+      W2c = at::baddbmm(W2c, X2.transpose(-1, -2), eD2);
+      b2c = b2c + eD2.sum(-2, true);
     }
   }
-  return q + layer_norm_heads(join(zq, m.T), gamma, beta, eps);
+  return finish(m, zq, q, ln_weight, ln_bias, eps);
 }
 
 }  // namespace eqprop::ttt

@@ -10,9 +10,12 @@ Three implementations of the same function:
 
 - ``"dense"``: the masked ``[T, T]`` reference (O(T²) memory; tests and short sequences).
 - ``"chunked"``: queries in chunks of ``c = min(W, T)`` positions, each chunk against the keys
-  ``[chunk start − W, chunk end)`` (``c + W`` keys, taken as overlapping strided windows of the
-  left-padded keys: a view, not a copy). The largest intermediate is the score tensor
-  ``[B, H, ⌈T/c⌉, c, c + W]``: at most ``2·B·H·(T + c)·W`` entries, linear in T. Runs on any device.
+  ``[chunk start − W, chunk end)`` (``c + W`` keys, overlapping strided windows of the keys). The
+  first chunk is the dense path on its c tokens; the others are one ``scaled_dot_product_attention``
+  call with chunks on the batch axis and one shared ``[c, c + W]`` mask (the query at offset a sees
+  window keys a < j ≤ a + W), so PyTorch's fused kernels run where they take a mask. The largest
+  intermediate is at most the scores ``[B, H, ⌈T/c⌉, c, c + W]``: ≤ ``2·B·H·(T + c)·W`` entries,
+  linear in T. Runs on any device.
 - ``"flex"``: ``torch.nn.attention.flex_attention`` with a block-sparse sliding-window ``BlockMask``
   (CUDA only; the mask is built once per ``(T, W, device)`` and cached).
 
@@ -70,29 +73,30 @@ def _chunked(q, k, v, window, scale, slopes):
     W = min(window, T)  # t − s < T always, so a longer window changes nothing
     c = W  # query chunk length
     n = -(-T // c)  # number of chunks
+    # chunk 0 (positions [0, c)) sees only keys [0, c): the dense path on c tokens
+    out0 = _dense(q[:, :, :c], k[:, :, :c], v[:, :, :c], W, scale, slopes)
+    if n == 1:
+        return out0
     Tp = n * c
-    # keys padded with W rows on the left (the positions −W..−1) and Tp − T on the right
-    kp = torch.nn.functional.pad(k, (0, 0, W, Tp - T))  # [B, H, W + Tp, d]
-    vp = torch.nn.functional.pad(v, (0, 0, W, Tp - T))
-    # chunk i's keys are the padded rows [i·c, i·c + c + W), i.e. positions [i·c − W, (i+1)·c)
-    kw = kp.unfold(2, c + W, c).transpose(-1, -2)  # [B, H, n, c + W, d] (strided view)
-    vw = vp.unfold(2, c + W, c).transpose(-1, -2)
-    qc = torch.nn.functional.pad(q, (0, 0, 0, Tp - T)).unflatten(2, (n, c))  # [B, H, n, c, d]
-    scores = torch.matmul(qc, kw.transpose(-1, -2)) * scale  # [B, H, n, c, c + W]
-    # query a (position i·c + a) and key j (position i·c − W + j): visible iff a < j ≤ a + W,
-    # the same in every chunk; plus key position ≥ 0, which only chunk 0 can violate
+    pad = torch.nn.functional.pad
+    kp, vp = pad(k, (0, 0, 0, Tp - T)), pad(v, (0, 0, 0, Tp - T))  # [B, H, Tp, d]
+    # chunk i ≥ 1 (queries [i·c, (i+1)·c)) against keys [i·c − W, (i+1)·c): window i − 1 of length c + W
+    # and step c (c = W), a strided view; batch and chunk go together on the first axis
+    kw = kp.unfold(2, c + W, c).permute(0, 2, 1, 4, 3).reshape(B * (n - 1), H, c + W, d)
+    vw = vp.unfold(2, c + W, c).permute(0, 2, 1, 4, 3).reshape(B * (n - 1), H, c + W, v.shape[-1])
+    qc = pad(q, (0, 0, 0, Tp - T))[:, :, c:].unflatten(2, (n - 1, c)).transpose(1, 2).reshape(B * (n - 1), H, c, d)
+    # query a (position i·c + a) and key j (position i·c − W + j): visible iff a < j ≤ a + W, the same
+    # in every chunk, so one [c, c + W] mask serves all; every query sees itself (j = a + W)
     a = torch.arange(c, device=q.device)[:, None]
     j = torch.arange(c + W, device=q.device)[None, :]
-    rel = (j > a) & (j <= a + W)  # [c, c + W]
-    chunk_start = torch.arange(n, device=q.device)[:, None, None] * c
-    visible = rel & (chunk_start - W + j >= 0)  # [n, c, c + W]
-    if slopes is not None:  # ALiBi: −slope_h·(t − s), t − s = a + W − j, the same in every chunk
-        dist = (a + W - j).to(scores.dtype)  # [c, c + W]
-        scores = scores - slopes.to(scores.dtype)[:, None, None, None] * dist
-    # every real query sees itself (j = a + W), so no row is all −inf
-    scores = scores.masked_fill(~visible, float("-inf"))
-    out = torch.matmul(scores.softmax(-1), vw)  # [B, H, n, c, d_v]
-    return out.flatten(2, 3)[:, :, :T]
+    mask = (j > a) & (j <= a + W)  # [c, c + W]
+    if slopes is not None:  # ALiBi: −slope_h·(t − s), t − s = a + W − j
+        bias = -slopes.to(q.dtype)[:, None, None] * (a + W - j).to(q.dtype)  # [H, c, c + W]
+        mask = bias.masked_fill(~mask, float("-inf"))
+    # per chunk: scores [c, c + W] at most (the fused kernels do not even materialize those)
+    out = torch.nn.functional.scaled_dot_product_attention(qc, kw, vw, attn_mask=mask, scale=scale)
+    out = out.unflatten(0, (B, n - 1)).transpose(1, 2).flatten(2, 3)  # [B, H, (n − 1)·c, d_v]
+    return torch.cat([out0, out], 2)[:, :, :T]
 
 
 # ---- FlexAttention (CUDA) -------------------------------------------------------------------------
@@ -127,6 +131,17 @@ def _block_mask(T: int, window: int, device: str):
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
 
 
+@functools.lru_cache(maxsize=32)
+def _alibi_score_mod(slopes: tuple, device: str):
+    """ALiBi as a flex score_mod, one function object per slope set, so the compiled kernel is reused."""
+    table = torch.tensor(slopes, dtype=torch.float32, device=device)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score - table[h] * (q_idx - kv_idx)
+
+    return score_mod
+
+
 def _flex_ok(q) -> bool:
     d = q.shape[-1]
     return (
@@ -143,11 +158,7 @@ def _flex_attention(q, k, v, window, scale, slopes):
     block_mask = _block_mask(T, window, str(q.device))
     score_mod = None
     if slopes is not None:
-        slopes = slopes.to(device=q.device, dtype=torch.float32)
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score - slopes[h] * (q_idx - kv_idx)
-
+        score_mod = _alibi_score_mod(tuple(slopes.tolist()), str(q.device))
     return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
 
 

@@ -188,7 +188,8 @@ class Transformer(nn.Module):
 
     Length generalization (training on W tokens, evaluating on 20·W) needs positions that mean
     something beyond the training length: ``rope``, ``alibi`` or ``none``. ``learned`` cannot go past
-    ``max_len`` and ``sinusoidal`` adds vectors the model never saw in training.
+    ``max_len`` and ``sinusoidal`` adds vectors the model never saw in training. The TTT layers apply no
+    ``rope`` / ``alibi`` of their own (their recurrence is ordered); docs/layers.md has the details.
 
     ``forward(tokens [B, L] int64) -> logits [B, L, V]``; ``token_nll(tokens) -> [B, L]`` float32 (see the
     module docstring for the convention). Under ``torch.autocast(dtype=torch.bfloat16)`` the blocks run

@@ -82,14 +82,15 @@ def ttt_linear(q, k, v, eta, W, b, ln_weight, ln_bias, mini_batch: int = 16, eps
     gamma, beta = ln_weight[:, None, :], ln_bias[:, None, :]  # [H, 1, d]: broadcast over [B, H, 1, d]
     Wp = W.expand(B, H, d, d)  # θ_p
     bp = b.expand(B, H, d)
+    qs, ks, targets, etas = q.unbind(2), k.unbind(2), (v - k).unbind(2), eta.unbind(2)  # per token
     out = []
     for start in range(0, T, mini_batch):
         Wt, bt = Wp, bp  # θ_t, updated one token at a time
         for t in range(start, min(start + mini_batch, T)):
-            kt, qt = k[:, :, t], q[:, :, t]  # [B, H, d]
+            kt, qt = ks[t], qs[t]  # [B, H, d]
             z = (kt[:, :, None, :] @ Wp)[:, :, 0] + bp  # f(k_t) at θ_p
-            g = _ln_l2_grad(z[:, :, None], (v - k)[:, :, t, None], gamma, beta, eps)[:, :, 0]  # [B, H, d]
-            e = eta[:, :, t, None]
+            g = _ln_l2_grad(z[:, :, None], targets[t][:, :, None], gamma, beta, eps)[:, :, 0]  # [B, H, d]
+            e = etas[t][:, :, None]
             Wt = Wt - e[..., None] * (kt[..., :, None] * g[..., None, :])  # ∇_W ℓ_t = k_tᵀ g_t
             bt = bt - e * g
             zq = (qt[:, :, None, :] @ Wt)[:, :, 0] + bt
@@ -121,15 +122,16 @@ def ttt_mlp(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, mini_batch: int = 
         x2 = gelu_tanh(z1)
         return z1, x2, (x2[:, :, None, :] @ w2)[:, :, 0] + c2
 
+    qs, ks, targets, etas = q.unbind(2), k.unbind(2), (v - k).unbind(2), eta.unbind(2)  # per token
     out = []
     for start in range(0, T, mini_batch):
         cur = list(P)
         for t in range(start, min(start + mini_batch, T)):
-            kt, qt = k[:, :, t], q[:, :, t]
+            kt, qt = ks[t], qs[t]
             z1, x2, z2 = mlp(kt, *P)  # at θ_p
-            g2 = _ln_l2_grad(z2[:, :, None], (v - k)[:, :, t, None], gamma, beta, eps)[:, :, 0]  # ∂ℓ/∂z2
+            g2 = _ln_l2_grad(z2[:, :, None], targets[t][:, :, None], gamma, beta, eps)[:, :, 0]  # ∂ℓ/∂z2
             g1 = (g2[:, :, None, :] @ P[2].transpose(-1, -2))[:, :, 0] * gelu_tanh_grad(z1)  # ∂ℓ/∂z1
-            e = eta[:, :, t, None]
+            e = etas[t][:, :, None]
             grads = [kt[..., :, None] * g1[..., None, :], g1, x2[..., :, None] * g2[..., None, :], g2]
             cur = [
                 p - (e[..., None] if p.dim() == 4 else e) * gr  # θ_t = θ_{t−1} − η_t ∇ℓ_t(θ_p)
