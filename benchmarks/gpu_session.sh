@@ -3,11 +3,12 @@
 # steps whose results land in $OUT as they are produced (copy the JSON files to benchmarks/results/
 # and commit them). Two modes, one device call each, timeout_s ≈ 560:
 #
-#   bash benchmarks/gpu_session.sh          # check: env log, build, CUDA tests, bench_markov, bench_relax
+#   bash benchmarks/gpu_session.sh          # check: env log, build, CUDA tests, bench_markov, bench_relax,
+#                                           #        bench_lengthgen
 #   bash benchmarks/gpu_session.sh train    # train: env log, build, training throughput, k = 4 recipe
 #
-# Every step has its own `timeout`; together they stay under 9 minutes (check: 20 + 180 + 120 + 45 +
-# 150 s plus 5 s of kill grace each; train: 20 + 180 + 90 + 200 s plus grace), so the call returns
+# Every step has its own `timeout`; together they stay under 9 minutes (check: 20 + 180 + 150 + 40 +
+# 100 + 60 s plus 5 s of kill grace each; train: 20 + 180 + 90 + 200 s plus grace), so the call returns
 # with a summary even when a step hangs. A step that needs CUDA is skipped, saying why, when
 # torch.cuda is unavailable or the build has no CUDA kernels: on a CPU machine the script runs
 # through (build included) as a dry run of its own control flow; FORCE_CUDA_STEPS=1 runs the CUDA
@@ -15,7 +16,7 @@
 # time limits), to check the steps' own plumbing.
 #
 # $OUT holds at most 8 entries: session.log (everything printed), build.log, tests.log, summary.txt,
-# markov_cuda.json, relax_cuda.json (check); markov_train.json, markov_train_recipe.json and recipe/
+# markov_cuda.json, relax_cuda.json, lengthgen_cuda.json (check); markov_train.json, markov_train_recipe.json and recipe/
 # (the run's history and summary; train). The bench scripts rewrite their JSON after every figure,
 # so a crash or a timeout keeps what ran ("complete": false).
 # Optional: wheels in .whl/ (carried with the call) are installed with --no-deps into /tmp/site first
@@ -126,14 +127,14 @@ cuda_step() {  # cuda_step NAME: true when the step may run, else notes the skip
 }
 
 if [ "$MODE" = check ]; then
-  step "CUDA tests (≤ 120 s; log: tests.log)"
+  step "CUDA tests (≤ 150 s; log: tests.log)"
   if cuda_step "CUDA tests"; then
     # The CUDA-marked tests of every file (test_engine_cuda.py and test_markov_cuda.py are marked
     # whole), one pytest process per file so that a crashed CUDA context stops one file only.
     files=$(grep -l "pytest.mark.cuda" tests/test_*.py)
     n=$(echo "$files" | wc -w)
     [ "$n" -gt 0 ] || { echo "no test file has pytest.mark.cuda"; n=1; }
-    per=$(( 115 / n - 5 ))
+    per=$(( 145 / n - 5 ))
     per_test=()
     "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=$(( per < 60 ? per : 60 )))
     for f in $files; do
@@ -148,16 +149,22 @@ if [ "$MODE" = check ]; then
     grep -E "^(FAILED|ERROR) " "$OUT/tests.log" | head -20
   fi
 
-  step "bench_markov, the CUDA kernel only (≤ 45 s; the CPU rows come from the CPU machine)"
+  step "bench_markov, the CUDA kernel only (≤ 40 s; the CPU rows come from the CPU machine)"
   if cuda_step "bench_markov"; then
-    (cd "$REPO/benchmarks" && run 45 "$PY" bench_markov.py --no-cpu --out "$OUT/markov_cuda.json")
+    (cd "$REPO/benchmarks" && run 40 "$PY" bench_markov.py --no-cpu --out "$OUT/markov_cuda.json")
     note "bench_markov: $(status_word $?)"
   fi
 
-  step "bench_relax (≤ 150 s)"
+  step "bench_relax (≤ 100 s)"
   if cuda_step "bench_relax"; then
-    (cd "$REPO/benchmarks" && run 150 "$PY" bench_relax.py --out "$OUT/relax_cuda.json")
+    (cd "$REPO/benchmarks" && run 100 "$PY" bench_relax.py --out "$OUT/relax_cuda.json")
     note "bench_relax: $(status_word $?)"
+  fi
+
+  step "bench_lengthgen: full / sliding (chunked, flex) / TTT dual vs primal (≤ 60 s)"
+  if cuda_step "bench_lengthgen"; then
+    (cd "$REPO/benchmarks" && run 60 "$PY" bench_lengthgen.py --device cuda --out "$OUT/lengthgen_cuda.json")
+    note "bench_lengthgen: $(status_word $?)"
   fi
 else
   step "training throughput, k = 6 (≤ 90 s)"
@@ -209,6 +216,9 @@ if r:
             if run.get(k) is not None:
                 print(f"    {k}: {run[k]:.2f}x")
     print(f"  relax complete={r['complete']}")
+lg = load("lengthgen_cuda.json")
+if lg:
+    print(f"  lengthgen: {len(lg.get('rows', []))} rows, goals {lg.get('goals')}, complete={lg.get('complete')}")
 t = load("markov_train.json")
 if t:
     for row in t.get("throughput", []):
