@@ -72,8 +72,8 @@ def test_each_estimator_lowers_the_gap_on_markov_k1(tmp_path, name):
     s = te.train(cfg)
     assert s.status == "max_steps" and s.steps == 20
     trained, *_ = te.load_checkpoint(tmp_path / "best.pt")
-    before = tm._evaluate_set(initial, eval_set, task.mcfg, DistInfo(), breakdowns=False)
-    after = tm._evaluate_set(trained, eval_set, task.mcfg, DistInfo(), breakdowns=False)
+    before = tm.evaluate_set(initial, eval_set, task.mcfg, DistInfo(), breakdowns=False)
+    after = tm.evaluate_set(trained, eval_set, task.mcfg, DistInfo(), breakdowns=False)
     assert after.gap_pct == s.best["gap_pct"]
     # paired on the same sequences: the per-sequence NLL drop is positive by more than 3 standard errors
     drop = (before.model_token_nll - after.model_token_nll)[:, cfg.k :].mean(1)
@@ -349,3 +349,11 @@ def test_text_task_resumes_with_its_saved_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="bpe_vocab_size|vocab_size"):
         te.train(cfg.replace(max_steps=6, resume=True, bpe_vocab_size=300))
     assert (tmp_path / "run" / "tokenizer.json").read_bytes() == saved
+
+
+def test_a_config_too_large_for_the_machine_is_refused_before_writing(tmp_path):
+    # 2^20 sequences of 2^12 tokens at width 1024: the [B, T, C] states alone are 16 TiB
+    cfg = _cfg(tmp_path / "huge", batch_size=2**20, seq_len=2**12, d_model=1024, n_head=8)
+    with pytest.raises(ValueError, match=r"needs at least .* on cpu \(.*relaxation states"):
+        te.train(cfg)
+    assert not (tmp_path / "huge").exists()

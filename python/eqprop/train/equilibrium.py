@@ -562,6 +562,26 @@ class EqlmTask(Task):
             n = max(c.eval_batches, c.final_eval_batches) * c.eval_batch_size
             self.corpus.eval_windows("val", c.train_len, n)  # a val split too short for them: ValueError now
 
+    def memory_need(self, run: Run) -> dict:
+        """Lower bounds, in bytes, of what certainly gets allocated (attention scores not counted)."""
+        c = self.cfg
+        per, L = c.batch_size // run.dist.world_size, c.train_len
+        vocab = c.vocab_size if c.task == "markov" else self.corpus.vocab_size
+        state = per * L * c.d_model * (2 if c.bf16 else 4)  # one [B, T, C] tensor
+        saved = 7 + 2 * c.mlp_ratio  # what one block application keeps for backward, in [B, T, C] tensors
+        need = {"logits": per * L * vocab * 4 * 2}
+        if c.model == "transformer":
+            need["activations"] = int(state * c.n_layer * saved)
+            return need
+        # the relaxation holds z and F(z), plus Anderson's past iterates and residuals; every EP point
+        # relaxes in the same batch; BPTT keeps its horizon of block applications on the graph
+        copies = 2 + (2 * c.relax_anderson_m if c.relax_solver == "anderson" else 0)
+        if c.estimator == "ep":
+            copies *= 1 + c.ep_n_points
+        need["relaxation states"] = state * copies
+        need["backward graph"] = int(state * saved * (c.bptt_horizon if c.estimator == "bptt" else 1))
+        return need
+
     def build_model(self, run: Run) -> torch.nn.Module:
         if self.cfg.task == "text" and self._fresh_tokenizer:  # fit has prepared out_dir
             text_data.save_tokenizer(self.cfg, self.corpus, run)
@@ -822,7 +842,7 @@ class EqlmTask(Task):
         c = self.cfg
         with self._with_ema(model):
             if c.task == "markov":
-                ev = tmarkov._evaluate_set(model, eval_set, self.mcfg, run.dist, breakdowns=breakdowns)
+                ev = tmarkov.evaluate_set(model, eval_set, self.mcfg, run.dist, breakdowns=breakdowns)
                 return (
                     ev.to_dict()
                     if breakdowns

@@ -58,6 +58,9 @@ __all__ = [
     "load_checkpoint",
     "gate_passed",
     "build_model",
+    "train_batch",
+    "make_eval_set",
+    "evaluate_set",
     "HISTORY_COLUMNS",
 ]
 
@@ -265,7 +268,7 @@ class MarkovTask(Task):
         return self._eval_set
 
     def evaluate(self, run: Run, model: torch.nn.Module) -> dict:
-        ev = _evaluate_set(model, self.eval_set(run), self.cfg, run.dist, breakdowns=False)
+        ev = evaluate_set(model, self.eval_set(run), self.cfg, run.dist, breakdowns=False)
         log.info("eval NLL %.4f (Bayes %.4f), gap %.2f%% +- %.2f", ev.model_nll, ev.bayes_nll, ev.gap_pct, ev.gap_se)
         return {"eval_nll": ev.model_nll, "bayes_nll": ev.bayes_nll, "gap_pct": ev.gap_pct, "gap_se": ev.gap_se}
 
@@ -276,7 +279,7 @@ class MarkovTask(Task):
 
     def final_evaluation(self, run: Run, model: torch.nn.Module) -> list:
         return [
-            _evaluate_set(
+            evaluate_set(
                 model,
                 make_eval_set(self.cfg, seed, self.cfg.final_eval_batches, run.device),
                 self.cfg,
@@ -393,7 +396,7 @@ def make_eval_set(cfg: TrainConfig, seed: int, n_batches: int, device) -> list:
 
 
 @torch.no_grad()
-def _evaluate_set(
+def evaluate_set(
     model: torch.nn.Module,
     eval_set: list,
     cfg: TrainConfig,
@@ -402,8 +405,11 @@ def _evaluate_set(
     breakdowns: bool,
     seed: Optional[int] = None,
 ) -> EvalResult:
-    """Per-token NLL (``model.token_nll``) of every sequence in ``eval_set``; batches are shared out over
-    ranks and summed back."""
+    """Per-token NLL (``model.token_nll``) of every sequence in ``eval_set`` against Bayes: the paired gap
+    with its SE, and with ``breakdowns`` the gap by position and by context visits. Batches are shared
+    out over ranks and summed back. Used by every trainer with a Markov task.
+
+    Example: ``evaluate_set(model, make_eval_set(cfg, 0, 4, "cpu"), cfg, DistInfo(), breakdowns=False)``"""
     was_training = model.training
     model.eval()
     device = eval_set[0][0].device
@@ -500,4 +506,4 @@ def evaluate(
     cfg = config.replace(**overrides) if overrides else config
     model = model.to(dev)
     eval_set = make_eval_set(cfg, seed, n_batches, dev)
-    return _evaluate_set(model, eval_set, cfg, DistInfo(), breakdowns=True, seed=seed)
+    return evaluate_set(model, eval_set, cfg, DistInfo(), breakdowns=True, seed=seed)
