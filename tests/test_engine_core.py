@@ -168,6 +168,15 @@ def test_ctrl_c_interrupts_the_adjoint_solve():
     _check_interrupted(lambda: loss.backward(), "solvers.py")
 
 
+def test_ctrl_c_interrupts_the_diagnostics_loops():
+    blk, x, _ = _slow_block_problem()
+    z = torch.randn(2, 6, 16, dtype=torch.float64)
+    long = 10**9  # iterations / probes: hours without the interrupt hook
+    _check_interrupted(lambda: eqprop.diagnostics.spectral_radius(blk, x, z, iters=long), "diagnostics.py")
+    _check_interrupted(lambda: eqprop.diagnostics.frobenius_sq(blk, x, z, probes=long), "diagnostics.py")
+    _check_interrupted(lambda: eqprop.diagnostics.nonnormality(blk, x, z, probes=long), "diagnostics.py")
+
+
 # ---- pickling: copy, save, AveragedModel, spawn ---------------------------------------------------
 
 

@@ -115,6 +115,7 @@ std::pair<at::Tensor, at::Tensor> spectral_radius(VectorField& f, const at::Tens
   at::Tensor v = normalize(Probes(z, seed, "gaussian").next());
   std::vector<at::Tensor> growth;
   for (int64_t t = 0; t < iters; ++t) {
+    solvers::check_interrupt();  // Ctrl-C, as in relax
     const at::Tensor w = lin->jvp(v);
     const at::Tensor nrm = sq_norm_per_sample(w).sqrt();  // [B]
     growth.push_back(nrm);
@@ -135,6 +136,7 @@ std::pair<at::Tensor, at::Tensor> spectral_norm(VectorField& f, const at::Tensor
   at::Tensor v = normalize(Probes(z, seed, "gaussian").next());
   std::vector<at::Tensor> sigma;
   for (int64_t t = 0; t < iters; ++t) {
+    solvers::check_interrupt();
     const at::Tensor w = lin->jvp(v);  // ‖Jv‖ with ‖v‖ = 1: a lower bound that rises to ‖J‖₂
     sigma.push_back(sq_norm_per_sample(w).sqrt());
     v = normalize(adjoint_apply(*lin, w));  // v ← JᴴJv / ‖JᴴJv‖
@@ -152,7 +154,10 @@ ProbeEstimate frobenius_sq(VectorField& f, const at::Tensor& z, int64_t probes, 
   Probes gen(z, seed, dist);
   std::vector<double> s;
   const double numel = static_cast<double>(z.numel());
-  for (int64_t k = 0; k < probes; ++k) s.push_back(sum_sq(lin->vjp(gen.next())) / numel);
+  for (int64_t k = 0; k < probes; ++k) {
+    solvers::check_interrupt();
+    s.push_back(sum_sq(lin->vjp(gen.next())) / numel);
+  }
   const Moments m = moments(s, s);
   return {m.mean_a, std::sqrt(m.var_a / m.n), probes};
 }
@@ -169,6 +174,7 @@ Moments probe_pairs(VectorField& f, const at::Tensor& z, int64_t probes, uint64_
   Probes gen(z, seed, dist);
   std::vector<double> a, b;
   for (int64_t k = 0; k < probes; ++k) {
+    solvers::check_interrupt();
     const at::Tensor v = gen.next();
     const auto [stat_a, stat_b] = pair(lin->jvp(v), lin->vjp(v));
     a.push_back(stat_a);
