@@ -323,6 +323,12 @@ class Run:
             dist.all_reduce(t)
         return t
 
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Maximum of ``t`` in place over ranks (a no-op on one process)."""
+        if self.dist.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
 
 class Task:
     """The hooks a trainer supplies to ``fit`` (see the module docstring for the loop that calls them)."""
@@ -563,7 +569,8 @@ def fit(task: Task, cfg: RunConfig, *, callback: Optional[Callable[[dict, torch.
                 loss_sum /= dist_info.world_size
             train_loss = float(loss_sum)
             halt = task.halt(run)
-            if halt:
+            if _agree(halt is not None, dist_info, device):  # every rank stops at the same step
+                halt = halt or ("halted", "another rank halted")
                 status, message = halt[0], f"{halt[1]}; " + _saved_checkpoints_note(out_dir)
                 optimizer.zero_grad(set_to_none=True)
                 log.warning(message)

@@ -681,7 +681,7 @@ class EqlmTask(Task):
             est, x = self.estimate(lm, tokens, phase)
             info, task_loss, z_star = est.stats["forward"], est.loss, est.z
         if first:  # one controller decision per optimizer step, from its first micro-batch
-            decision = self._control(info, step)
+            decision = self._control(run, info, step)
             self._task_on = decision is None or decision.task_enabled
         if self._task_on:
             if est is None:
@@ -721,13 +721,18 @@ class EqlmTask(Task):
             lm.block.train(was)
         x.backward(gx / scale)
 
-    def _control(self, info, step: int):
-        """One controller decision per optimizer step; a tripped fuse or a diverged relaxation halts."""
-        diverged = int(info.diverged.sum())
-        self._info = dict(free_res=float(info.rel_max), free_steps=float(info.steps.float().mean()))
+    def _control(self, run: Run, info, step: int):
+        """One controller decision per optimizer step; a tripped fuse or a diverged relaxation halts.
+        Under DDP the decision uses the largest residual over ranks, so every rank's controller (and jr)
+        stays the same."""
+        res = float(info.rel_max)
+        stats = torch.tensor([res if math.isfinite(res) else math.inf, float(info.diverged.sum())], device=run.device)
+        run.all_reduce_max(stats)
+        res, diverged = float(stats[0]), int(stats[1])  # diverged: the most on any rank (> 0: halt on every rank)
+        self._info = dict(free_res=res, free_steps=float(info.steps.float().mean()))
         d = None
         if self.ctl is not None:
-            d = self.ctl.step(info)
+            d = self.ctl.step(res)
             self._info.update(jr=d.jr, ctl_action=d.action)
             if d.stop:
                 self._halt = ("fuse", f"contraction fuse tripped: {d.reason} (optimizer step {step + 1})")
