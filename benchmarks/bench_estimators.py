@@ -32,7 +32,7 @@ import time
 import torch
 
 import eqprop
-from common import environment, write_results
+from common import environment, rss_kib, write_results
 from eqprop.ep import EP, CrossEntropyReadout
 from eqprop.estimators import BPTT, Implicit
 
@@ -65,14 +65,6 @@ def setup(args, device):
     return blk, x, CrossEntropyReadout(ln, head, targets)
 
 
-def _rss_kib(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return -1
-
-
 def memory_point(args, device, name):
     """Peak memory (bytes) of one estimate, after a warm-up estimate; run in a fresh process."""
     blk, x, ro = setup(args, device)
@@ -87,9 +79,9 @@ def memory_point(args, device, name):
         return torch.cuda.max_memory_allocated(device) - base
     with open("/proc/self/clear_refs", "w") as fh:  # reset the peak RSS (VmHWM) to the current RSS
         fh.write("5")
-    base = _rss_kib("VmRSS:")
+    base = rss_kib("VmRSS:")
     est.grad(blk, x, ro)
-    return (_rss_kib("VmHWM:") - base) * 1024
+    return (rss_kib("VmHWM:") - base) * 1024
 
 
 def time_point(args, device, name):

@@ -34,22 +34,9 @@ import time
 
 import torch
 
-from common import Results, environment
+from common import Results, environment, rss_kib, size_defaults, sync
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _rss_kib(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return -1
 
 
 def _layer(args, layer, impl, device):
@@ -93,25 +80,25 @@ def point(args, layer, impl, T, device):
         x.grad = None
 
     step()  # warm-up (allocator, lazy init, compilation of flex)
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         step()
-        _sync(device)
+        sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
         with open("/proc/self/clear_refs", "w") as fh:  # reset the peak RSS (VmHWM) to the current RSS
             fh.write("5")
-        base = _rss_kib("VmRSS:")
+        base = rss_kib("VmRSS:")
         step()
-        peak = (_rss_kib("VmHWM:") - base) * 1024
+        peak = (rss_kib("VmHWM:") - base) * 1024
     repeats = 1 if impl == "primal" else args.repeats
     best, best_cpu = float("inf"), float("inf")
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         step()
-        _sync(device)
+        sync(device)
         best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
     return {"seconds": best, "cpu_seconds": best_cpu, "peak_bytes": int(peak)}
 
@@ -210,9 +197,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    for name, g, c in (("B", 4, 1), ("C", 512, 64), ("H", 8, 4), ("W", 512, 256)):
-        if getattr(args, name) is None:
-            setattr(args, name, g if gpu else c)
+    size_defaults(args, (("B", 4, 1), ("C", 512, 64), ("H", 8, 4), ("W", 512, 256)), gpu)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     if args.point is not None:

@@ -35,26 +35,21 @@ import logging
 import torch
 
 import eqprop
-from common import Results, environment
+from common import Results, environment, rss_kib, size_defaults, sync
 from eqprop.reference import block as ref_block
 from eqprop.reference import solvers as ref_solvers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(fn, device, repeats):
     fn()  # warm-up (allocator, kernels)
-    _sync(device)
+    sync(device)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -148,14 +143,6 @@ def bench_backward(args, device, dtype, record=lambda key, value: None):
     return out
 
 
-def _rss_kib(field):
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return -1
-
-
 def memory_point(args, device, dtype, mode, steps):
     """Peak memory (bytes) of forward + backward of one fixed_point; run in a fresh process on CPU."""
     blk, x, _ = _make(args, device, dtype)
@@ -175,9 +162,9 @@ def memory_point(args, device, dtype, mode, steps):
         return torch.cuda.max_memory_allocated(device) - base
     with open("/proc/self/clear_refs", "w") as fh:  # reset the peak RSS (VmHWM) to the current RSS
         fh.write("5")
-    base = _rss_kib("VmRSS:")
+    base = rss_kib("VmRSS:")
     eqprop.fixed_point(blk, x, **kw).float().square().mean().backward()
-    return (_rss_kib("VmHWM:") - base) * 1024
+    return (rss_kib("VmHWM:") - base) * 1024
 
 
 def bench_memory(args, device, dtype, record=lambda mode, steps, value: None):
@@ -244,9 +231,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    for name, g, c in (("C", 512, 128), ("H", 16, 4), ("T", 256, 64), ("B", 24, 4)):
-        if getattr(args, name) is None:
-            setattr(args, name, g if gpu else c)
+    size_defaults(args, (("C", 512, 128), ("H", 16, 4), ("T", 256, 64), ("B", 24, 4)), gpu)
     dtypes = [getattr(torch, d) for d in (args.dtypes or ("float32,bfloat16" if gpu else "float32")).split(",")]
     if device.type == "cpu":
         torch.set_num_threads(args.threads)

@@ -27,6 +27,29 @@ def timeit(fn, *, repeat: int = 5, warmup: int = 1, device: str = "cpu") -> floa
     return statistics.median(times)
 
 
+def sync(device) -> None:
+    """Wait for the device's queued work (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rss_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KiB ("VmRSS:" now, "VmHWM:" its
+    peak); -1 where the file lacks it."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return -1
+
+
+def size_defaults(args, table, gpu: bool) -> None:
+    """Fill the size options left None: ``table`` rows are (name, GPU default, CPU default)."""
+    for name, on_gpu, on_cpu in table:
+        if getattr(args, name) is None:
+            setattr(args, name, on_gpu if gpu else on_cpu)
+
+
 def environment() -> dict:
     """Device, versions and commit, recorded next to every figure."""
     try:
